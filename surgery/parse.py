@@ -16,6 +16,7 @@ expected and suggest the nearest keyword.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -196,7 +197,10 @@ class _Build(Transformer[Token, Any]):
         span = self._tspan(tok)
         if m is None:  # pragma: no cover - the lexer only produces matching text
             raise self._fail("S0105", f"`{tok}` is not a number", span)
-        return ast.Number(value=float(m["num"]), unit=m["unit"], span=span)  # type: ignore[arg-type]
+        value = float(m["num"])
+        if not math.isfinite(value):
+            raise self._fail("S0105", f"`{tok}` is too large", span)
+        return ast.Number(value=value, unit=m["unit"], span=span)  # type: ignore[arg-type]
 
     def int(self, meta: Any, children: list[Token]) -> ast.Int:
         tok = children[0]

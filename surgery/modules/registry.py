@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
@@ -19,7 +19,14 @@ class SurgeryModule(nn.Module):
     Subclasses take only JSON-serialisable constructor arguments and return them from
     :meth:`spec`, so that ``type(m)(**m.spec())`` builds a module with the same parameter
     and buffer names and shapes; the weights then come from the saved state dict.
+
+    A module that *wraps* the module it replaces (e.g. a token-skipping wrapper around an
+    encoder) names the attribute that holds it in ``wraps``: on reload the wrapper is built
+    from its spec with that attribute left unset, and the module the rebuilt base architecture
+    has at the same path is put there before the weights are loaded.
     """
+
+    wraps: ClassVar[str | None] = None
 
     def spec(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
