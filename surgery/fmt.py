@@ -72,7 +72,7 @@ def _rank(r: ast.Rank) -> str:
     if r.kind == "absolute":
         return f"rank = {_num(r.value.value)}"
     text = format_number(r.value)
-    if r.value.unit == "" and re.fullmatch(r"[0-9]+", text):
+    if r.value.unit == "" and re.fullmatch(r"-?[0-9]+", text):
         text += ".0"  # keep it a fraction: `rank = 1` would be the absolute rank 1
     return f"rank = {text}"
 

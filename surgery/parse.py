@@ -159,7 +159,7 @@ class _Fail(Exception):
         self.diagnostic = diagnostic
 
 
-_NUMBER_RE = re.compile(r"(?P<num>[0-9.]+(?:[eE][-+]?[0-9]+)?)(?P<unit>[%KMG]?)")
+_NUMBER_RE = re.compile(r"(?P<num>-?[0-9.]+(?:[eE][-+]?[0-9]+)?)(?P<unit>[%KMG]?)")
 
 
 @v_args(meta=True)
@@ -205,7 +205,7 @@ class _Build(Transformer[Token, Any]):
     def int(self, meta: Any, children: list[Token]) -> ast.Int:
         tok = children[0]
         span = self._tspan(tok)
-        if not str(tok).isdigit():
+        if not re.fullmatch(r"-?[0-9]+", str(tok)):
             raise self._fail(
                 "S0105",
                 f"expected a whole number, found `{tok}`",

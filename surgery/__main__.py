@@ -1,0 +1,5 @@
+"""`python -m surgery` runs the command line."""
+
+from surgery.cli import entry
+
+entry()

@@ -1,0 +1,450 @@
+"""The `surgery` command line.
+
+Exit codes: 0 success; 1 internal error (a bug: one line on stderr and the path of the full
+trace); 2 user error (bad recipe, bad arguments, bad model or inputs); 3 a contract
+(``expect``) was not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from surgery import __version__
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_CONTRACT = 0, 1, 2, 3
+
+EPILOG = """\
+examples:
+  surgery check recipes/*.surg
+  surgery fmt --check recipes/minilm-lowrank.surg
+  surgery plan recipes/minilm-lowrank.surg path/to/hf-model-dir
+  surgery apply recipes/minilm-lowrank.surg path/to/hf-model-dir -o out/minilm
+  surgery load out/minilm
+
+exit codes: 0 ok, 1 internal error, 2 user error, 3 an `expect` contract not met
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; rendered as diagnostics, exit code 2."""
+
+    def __init__(self, diagnostics: list[Any], source: str | None, filename: str) -> None:
+        super().__init__(diagnostics[0].message if diagnostics else "error")
+        self.diagnostics = diagnostics
+        self.source = source
+        self.filename = filename
+
+
+class Console:
+    """Progress on stderr (redrawn in place on a terminal), results on stdout."""
+
+    def __init__(self, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = ""
+        self.started = time.perf_counter()
+
+    def progress(self, what: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.started
+        bar = ""
+        if total > 1:
+            filled = int(20 * done / total)
+            bar = f" [{'#' * filled}{'.' * (20 - filled)}] {done}/{total}"
+        line = f"{elapsed:6.1f}s {what}{bar}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+        elif what != self.last:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        self.last = what
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _read_recipe(path: str) -> str:
+    from surgery.diagnostics import Diagnostic
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        message = f"recipe file `{path}` does not exist"
+    except IsADirectoryError:
+        message = f"`{path}` is a directory, not a recipe file"
+    except UnicodeDecodeError:
+        message = f"recipe file `{path}` is not UTF-8 text"
+    except OSError as exc:
+        message = f"cannot read recipe file `{path}`: {exc.strerror}"
+    raise UserError([Diagnostic(code="S0001", message=message)], None, path)
+
+
+def _parse_and_check(path: str) -> tuple[Any, str, list[Any]]:
+    """(recipe, source, warnings); raises UserError with every error of the recipe."""
+    from surgery import ast
+    from surgery.check import check
+    from surgery.diagnostics import span_of
+    from surgery.parse import parse_statements
+
+    source = _read_recipe(path)
+    statements, diagnostics = parse_statements(source)
+
+    recipe = ast.Recipe(statements=statements, span=span_of(source, 0, len(source)))
+    diagnostics += check(recipe)
+    errors = [d for d in diagnostics if d.severity == "error"]
+    if errors:
+        raise UserError(diagnostics, source, path)
+    return recipe, source, diagnostics
+
+
+def _emit_diagnostics(diags: list[Any], source: str | None, filename: str, fmt: str) -> None:
+    from surgery.diagnostics import render_all, to_json
+
+    if not diags:
+        return
+    if fmt == "json":
+        print(json.dumps(to_json(diags, filename), indent=2))
+    else:
+        sys.stderr.write(render_all(diags, source, filename))
+
+
+def _model_error(exc: Exception, code: str, filename: str) -> UserError:
+    from surgery.diagnostics import Diagnostic
+
+    return UserError(
+        [Diagnostic(code=code, message=str(exc), help=getattr(exc, "help", None))], None, filename
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from surgery.load import ModelLoadError, load_model
+
+    try:
+        return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    except ModelLoadError as exc:
+        raise _model_error(exc, "S0310", args.model) from exc
+
+
+def _run(args: argparse.Namespace, *, measure: bool, console: Console) -> tuple[Any, Any, str]:
+    from surgery.diagnostics import Diagnostic
+    from surgery.inputs import InputError
+    from surgery.manager import Manager
+    from surgery.passes import PassError
+
+    recipe, source, warnings = _parse_and_check(args.recipe)
+    loaded = _load(args)
+    manager = Manager(
+        recipe,
+        loaded,
+        recipe_dir=Path(args.recipe).parent,
+        strict=args.strict,
+        progress=console.progress,
+    )
+    try:
+        run = manager.run(measure=measure, warmup=args.warmup, repeats=args.repeats)
+    except PassError as exc:
+        raise UserError([exc.diagnostic], source, args.recipe) from exc
+    except InputError as exc:
+        raise UserError(
+            [Diagnostic(code="S0320", message=str(exc), help=None)], None, args.recipe
+        ) from exc
+    finally:
+        console.done()
+    run.warnings[:0] = warnings
+    return run, loaded, source
+
+
+def _contract_failures(run: Any, source: str, filename: str) -> list[Any]:
+    from surgery.diagnostics import Diagnostic
+
+    diags = []
+    for c in run.failed_contracts:
+        interval = f" [{c.interval[0]:.3g}, {c.interval[1]:.3g}]" if c.interval else ""
+        diags.append(
+            Diagnostic(
+                code="S0501",
+                message=f"contract not met: `{c.text}`",
+                span=c.statement.span,
+                notes=(f"measured {c.measured:.4g}{interval}: {c.detail}",),
+                help="change the recipe (a milder rank, fewer statements) or relax the contract",
+            )
+        )
+    return diags
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from surgery import ast
+    from surgery.check import check
+    from surgery.diagnostics import span_of
+    from surgery.parse import parse_statements
+
+    status = EXIT_OK
+    report: list[dict[str, Any]] = []
+    for path in args.recipes:
+        try:
+            source = _read_recipe(path)
+        except UserError as exc:
+            _emit_or_collect(exc.diagnostics, None, path, args.format, report)
+            status = EXIT_USER
+            continue
+        statements, diags = parse_statements(source)
+        recipe = ast.Recipe(statements=statements, span=span_of(source, 0, len(source)))
+        diags = diags + check(recipe)
+        if any(d.severity == "error" for d in diags):
+            status = EXIT_USER
+        _emit_or_collect(diags, source, path, args.format, report)
+        if not diags and args.format == "text":
+            sys.stderr.write(f"ok: {path}: {len(statements)} statement{'s' if len(statements) != 1 else ''}\n")
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    return status
+
+
+def _emit_or_collect(
+    diags: list[Any], source: str | None, path: str, fmt: str, report: list[dict[str, Any]]
+) -> None:
+    from surgery.diagnostics import render_all, to_json
+
+    if fmt == "json":
+        report.extend(to_json(diags, path))
+    elif diags:
+        sys.stderr.write(render_all(diags, source, path))
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from surgery.diagnostics import DiagnosticError, render_all
+    from surgery.fmt import format_source
+
+    status = EXIT_OK
+    for path in args.recipes:
+        source = _read_recipe(path)
+        try:
+            formatted = format_source(source)
+        except DiagnosticError as exc:
+            sys.stderr.write(render_all(exc.diagnostics, source, path))
+            status = EXIT_USER
+            continue
+        if args.check:
+            if formatted != source:
+                sys.stderr.write(f"would reformat: {path}\n")
+                # Like black and ruff: 1 means "not formatted" (2 stays "does not parse").
+                status = status or 1
+        elif args.write:
+            if formatted != source:
+                tmp = Path(path).with_name(f".{Path(path).name}.fmt.tmp")
+                tmp.write_text(formatted, encoding="utf-8")
+                os.replace(tmp, path)
+        else:
+            sys.stdout.write(formatted)
+    return status
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from surgery.report import plan_dict, plan_text
+
+    console = Console(quiet=args.quiet)
+    run, _, source = _run(args, measure=False, console=console)
+    _emit_diagnostics(run.warnings, source, args.recipe, "text")
+    if args.format == "json":
+        print(json.dumps(plan_dict(run, recipe=args.recipe, model=args.model), indent=2))
+    else:
+        sys.stdout.write(plan_text(run))
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from surgery.diagnostics import Diagnostic
+    from surgery.load import save_base_files
+    from surgery.report import plan_dict, plan_text, report_markdown
+    from surgery.save import OutputError, atomic_directory, write_model
+
+    console = Console(quiet=args.quiet)
+    out = Path(args.output)
+    # Refuse a bad output before the (long) run, and again atomically when writing.
+    if out.exists() and not args.force:
+        raise UserError(
+            [Diagnostic(code="S0330", message=f"`{out}` already exists", help="pass `--force` to replace it")],
+            None,
+            args.output,
+        )
+    run, loaded, source = _run(args, measure=not args.no_measure, console=console)
+    _emit_diagnostics(run.warnings, source, args.recipe, "text")
+    plan = plan_dict(run, recipe=args.recipe, model=args.model)
+    report = report_markdown(run, recipe=args.recipe, model=args.model, recipe_source=source)
+    changes = [c.as_dict() for c in run.changes]
+    try:
+        with atomic_directory(out, force=args.force, protect=[Path(args.model)]) as tmp:
+            console.progress("writing output", 0, 1)
+            write_model(run.model, loaded.base, tmp, changes=changes)
+            save_base_files(loaded, tmp)
+            for index, member, member_drift in run.family:
+                member_dir = tmp / f"step-{index}"
+                write_model(member, loaded.base, member_dir, changes=changes)
+                save_base_files(loaded, member_dir)
+                del member_drift
+            (tmp / "recipe.surg").write_text(source, encoding="utf-8")
+            (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+            (tmp / "report.md").write_text(report, encoding="utf-8")
+    except OutputError as exc:
+        raise UserError(
+            [Diagnostic(code="S0330", message=str(exc), help=exc.help)], None, args.output
+        ) from exc
+    finally:
+        console.done()
+    if args.format == "json":
+        print(json.dumps(plan, indent=2))
+    else:
+        sys.stdout.write(plan_text(run))
+        sys.stdout.write(f"wrote {out}/ (model.safetensors, surgery.json, plan.json, report.md)\n")
+    failures = _contract_failures(run, source, args.recipe)
+    if failures:
+        _emit_diagnostics(failures, source, args.recipe, "text")
+        return EXIT_CONTRACT
+    return EXIT_OK
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from surgery.inputs import InputError, example_inputs, flatten_outputs
+    from surgery.load import ModelLoadError
+    from surgery.save import load
+
+    try:
+        model = load(args.directory)
+    except ModelLoadError as exc:
+        raise _model_error(exc, "S0311", args.directory) from exc
+    params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {type(model).__name__} from {args.directory}: {params:,} parameters")
+    try:
+        out = example_inputs(model).call(model)
+        shapes = [tuple(t.shape) for t in flatten_outputs(out)]
+        print(f"ran the example inputs: output shapes {shapes}")
+    except InputError as exc:
+        print(f"not run: {exc}")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from surgery.ast import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+    return EXIT_OK
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Declarative model surgery for PyTorch: shrink a model by a recipe and "
+        "measure that it got faster.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"surgery {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="check recipes without a model", epilog="example: surgery check recipes/*.surg")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("fmt", help="print recipes in canonical form", epilog="example: surgery fmt --check recipes/*.surg")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if a recipe is not formatted")
+    mode.add_argument("--write", action="store_true", help="rewrite the files in place")
+    p.set_defaults(func=cmd_fmt)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", metavar="RECIPE")
+        p.add_argument("model", metavar="MODEL", help="HF model dir, .pt2, or state dict with --arch")
+        p.add_argument("--arch", metavar="MODULE:FACTORY", help="builds the architecture of a state dict")
+        p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
+        p.add_argument("--strict", action="store_true", help="a selector that matches nothing is an error")
+        p.add_argument("--format", choices=("text", "json"), default="text")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+        p.add_argument("--warmup", type=int, default=3, help="timing warm-up runs (default 3)")
+        p.add_argument("--repeats", type=int, default=20, help="timed A/B repeats (default 20)")
+
+    p = sub.add_parser("plan", help="show what a recipe would do to a model",
+                       epilog="example: surgery plan recipes/minilm-lowrank.surg MODEL_DIR --format json")
+    model_args(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="apply a recipe, measure, and write the surgered model",
+                       epilog="example: surgery apply recipes/minilm-lowrank.surg MODEL_DIR -o out/minilm")
+    model_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-measure", action="store_true", help="skip timing")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("load", help="rebuild a surgered model and run it once", epilog="example: surgery load out/minilm")
+    p.add_argument("directory", metavar="OUT")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("schema", help="print the JSON schema of the recipe AST")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def _internal_error(exc: BaseException) -> int:
+    fd, path = tempfile.mkstemp(prefix="surgery-crash-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"surgery {__version__}\n{' '.join(sys.argv)}\n\n")
+        traceback.print_exception(exc, file=f)
+    sys.stderr.write(
+        f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+        f"this is a bug in surgery; the full trace was written to {path}\n"
+    )
+    return EXIT_INTERNAL
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("warmup", "repeats"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < (1 if name == "repeats" else 0):
+            parser.error(f"--{name} must be {'positive' if name == 'repeats' else 'non-negative'}")
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        _emit_diagnostics(exc.diagnostics, exc.source, exc.filename, getattr(args, "format", "text"))
+        return EXIT_USER
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+def entry() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

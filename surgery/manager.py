@@ -1,0 +1,414 @@
+"""The pass manager: runs a checked recipe on a model, statement by statement.
+
+For each pass statement, in recipe order, the manager
+
+1. plans it against the current model and its analysis (a selector that matches nothing is
+   a warning naming the nearest modules, an error with ``strict``);
+2. applies it to a *copy* of the model, so a pass that fails leaves the model untouched and
+   the error names the recipe line;
+3. lints the result: the model must still run on the example inputs with the same output
+   shapes and finite values; it measures the drift (relative output error against the
+   original) and records every change with its pass and recipe line.
+
+Statements that are not passes configure the run: ``calibrate`` (inputs for data-aware
+passes, drift and timing), ``target`` (where speed is measured) and ``expect`` (contracts
+checked at the end).
+
+>>> import torch
+>>> from surgery.parse import parse
+>>> from surgery.inputs import Inputs
+>>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+>>> model.example_inputs = ((torch.randn(4, 256),), {})
+>>> run = Manager(parse("decompose Linear where out_features > 8 rank = 0.25"), model).run(measure=False)
+>>> [c.path for c in run.changes], run.steps[0].drift < 1.0
+(['0'], True)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery import ast
+from surgery.diagnostics import Diagnostic
+from surgery.facts import Analysis
+from surgery.inputs import InputError, Inputs, calibration_inputs, example_inputs, flatten_outputs
+from surgery.load import LoadedModel
+from surgery.passes import PASSES, Change, PassContext, PassError, StepPlan, pass_for
+from surgery.select import nearest_paths
+from surgery.timing import Speedup, measure_speedup
+
+__all__ = ["MANAGER_SUPPORT", "Contract", "Manager", "Run", "Step", "drift"]
+
+# Statements the manager itself carries out: verb -> (implemented options, types).
+MANAGER_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] = {
+    "calibrate": ({"samples": None, "batch": None}, ()),
+    "target": ({"backend": {"torch"}, "device": {"torch cpu"}}, ()),
+    "expect": ({"metric": {"params", "flops", "drift", "speedup"}, "on": {"torch"}}, ()),
+}
+
+Progress = Callable[[str, int, int], None]
+
+
+def drift(reference: list[Any], candidate: list[Any]) -> float:
+    """Relative output error ``‖y − y₀‖ / ‖y₀‖`` over all floating outputs of several calls.
+
+    >>> drift([torch.ones(4)], [torch.ones(4) * 1.1])
+    0.1000...
+    """
+    num = 0.0
+    den = 0.0
+    for ref_out, cand_out in zip(reference, candidate):
+        for r, c in zip(flatten_outputs(ref_out), flatten_outputs(cand_out)):
+            if not r.is_floating_point():
+                continue
+            r64, c64 = r.detach().double(), c.detach().double()
+            num += float((c64 - r64).square().sum())
+            den += float(r64.square().sum())
+    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
+
+
+@dataclass
+class Step:
+    """One statement as it ran."""
+
+    statement: Any
+    plan: StepPlan
+    changes: list[Change]
+    drift: float | None  # on the example inputs, after this step
+    seconds: float
+    params: int  # of the whole model after this step
+    family_member: int | None = None  # progressive step index, when the pass builds a family
+
+
+@dataclass
+class Contract:
+    """An ``expect`` statement and how the result measured against it."""
+
+    statement: ast.Expect
+    text: str
+    measured: float | None
+    interval: tuple[float, float] | None
+    held: bool | None  # None: could not be measured
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "contract": self.text,
+            "line": self.statement.span.line,
+            "measured": self.measured,
+            "interval": list(self.interval) if self.interval else None,
+            "held": self.held,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Run:
+    """Everything a recipe run produced: the model, the plan, the evidence."""
+
+    recipe: ast.Recipe
+    original: nn.Module
+    model: nn.Module
+    loaded: LoadedModel | None
+    example: Inputs
+    calibration: list[Inputs]
+    before: Analysis
+    after: Analysis
+    steps: list[Step] = field(default_factory=list)
+    warnings: list[Diagnostic] = field(default_factory=list)
+    drift: float | None = None  # on the calibration inputs
+    speed: Speedup | None = None
+    contracts: list[Contract] = field(default_factory=list)
+    family: list[tuple[int, nn.Module, float]] = field(default_factory=list)  # (step, model, drift)
+
+    @property
+    def changes(self) -> list[Change]:
+        return [c for s in self.steps for c in s.changes]
+
+    @property
+    def params_before(self) -> int:
+        return self.before.total_params
+
+    @property
+    def params_after(self) -> int:
+        return self.after.total_params
+
+    @property
+    def flops_before(self) -> int:
+        return self.before.total_flops
+
+    @property
+    def flops_after(self) -> int:
+        return self.after.total_flops
+
+    @property
+    def flop_speedup(self) -> float | None:
+        """The FLOP-ideal speedup: total FLOPs before / after."""
+        if self.flops_after <= 0:
+            return None
+        return self.flops_before / self.flops_after
+
+    @property
+    def failed_contracts(self) -> list[Contract]:
+        return [c for c in self.contracts if c.held is False]
+
+
+def _calibrate_statement(recipe: ast.Recipe) -> ast.Calibrate | None:
+    return next((s for s in recipe.statements if isinstance(s, ast.Calibrate)), None)
+
+
+class Manager:
+    """Runs ``recipe`` on a model (a :class:`LoadedModel` or a plain module)."""
+
+    def __init__(
+        self,
+        recipe: ast.Recipe,
+        model: LoadedModel | nn.Module,
+        *,
+        recipe_dir: Path | None = None,
+        strict: bool = False,
+        progress: Progress | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.recipe = recipe
+        self.loaded = model if isinstance(model, LoadedModel) else None
+        self.model: nn.Module = model.model if isinstance(model, LoadedModel) else model
+        self.recipe_dir = recipe_dir or Path.cwd()
+        self.strict = strict
+        self.progress = progress
+        self.seed = seed
+
+    # --- inputs -------------------------------------------------------------------------
+
+    def _source(self) -> Any:
+        return self.loaded if self.loaded is not None else self.model
+
+    def _inputs(self) -> tuple[Inputs, list[Inputs]]:
+        stmt = _calibrate_statement(self.recipe)
+        samples = stmt.samples.value if stmt and stmt.samples else 16
+        batch = stmt.batch.value if stmt and stmt.batch else 8
+        source = None
+        if stmt is not None:
+            path = Path(stmt.source.value)
+            source = path if path.is_absolute() else self.recipe_dir / path
+        try:
+            example = example_inputs(self._source(), seed=self.seed)
+        except InputError:
+            if source is None:
+                raise
+            example = None  # a model that cannot make its own inputs runs on the calibration file
+        calibration = calibration_inputs(
+            source, self._source(), samples=samples, batch=batch, seed=self.seed
+        )
+        if example is None:
+            example = calibration[0]
+        return example, calibration
+
+    def _emit(self, what: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, done, total)
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(self, *, measure: bool = True, warmup: int = 3, repeats: int = 20) -> Run:
+        """Run every statement; measure drift, and speed when ``measure``; check contracts."""
+        from surgery.graph import analyze
+
+        self._emit("preparing inputs", 0, 1)
+        example, calibration = self._inputs()
+        original = self.model
+        was_training = original.training
+        original.eval()
+        self._emit("analysing the model", 0, 1)
+        before = analyze(original, example)
+        reference = example.call(original)
+        ref_shapes = [tuple(t.shape) for t in flatten_outputs(reference)]
+
+        model = copy.deepcopy(original)
+        run = Run(
+            recipe=self.recipe,
+            original=original,
+            model=model,
+            loaded=self.loaded,
+            example=example,
+            calibration=calibration,
+            before=before,
+            after=before,
+        )
+        run.warnings.extend(
+            Diagnostic(code="S0302", message=w, severity="warning") for w in before.warnings
+        )
+        analysis = before
+        pass_statements = [s for s in self.recipe.statements if s.verb in PASSES]
+        for index, stmt in enumerate(pass_statements):
+            self._emit(f"line {stmt.span.line}: {stmt.verb}", index, len(pass_statements))
+            started = time.perf_counter()
+            context = PassContext(
+                analysis=analysis,
+                example=example,
+                calibration=calibration,
+                original=original,
+                strict=self.strict,
+                progress=self.progress,
+            )
+            surgery_pass = pass_for(stmt, context)
+            plan = surgery_pass.plan(model)
+            self._check_matches(stmt, plan, model, analysis, run)
+            candidate = copy.deepcopy(model)
+            try:
+                changes = surgery_pass.apply(candidate, plan)
+            except PassError:
+                raise
+            except Exception as exc:  # a pass bug must still name the recipe line
+                raise PassError(
+                    Diagnostic(
+                        code="S0401",
+                        message=f"`{stmt.verb}` failed on this model: {_first_line(exc)}",
+                        span=stmt.span,
+                        help="the model was left unchanged; see the plan with `surgery plan`",
+                    )
+                ) from exc
+            step_drift = self._lint(stmt, candidate, example, reference, ref_shapes)
+            model = candidate
+            run.warnings.extend(context.warnings)
+            if changes:
+                analysis = analyze(model, example, trace=False)
+            run.steps.append(
+                Step(
+                    statement=stmt,
+                    plan=plan,
+                    changes=changes,
+                    drift=step_drift,
+                    seconds=time.perf_counter() - started,
+                    params=analysis.total_params,
+                )
+            )
+        self._emit("passes done", len(pass_statements), len(pass_statements))
+        run.model = model
+        run.after = analysis if run.steps else before
+        model.train(was_training)
+        model.eval()
+
+        self._emit("measuring drift", 0, len(calibration))
+        refs, cands = [], []
+        for i, batch in enumerate(calibration):
+            refs.append(batch.call(original))
+            cands.append(batch.call(model))
+            self._emit("measuring drift", i + 1, len(calibration))
+        run.drift = drift(refs, cands)
+        if measure:
+            timing_inputs = calibration[0] if calibration else example
+            run.speed = measure_speedup(
+                original,
+                model,
+                timing_inputs,
+                warmup=warmup,
+                repeats=repeats,
+                progress=self.progress,
+            )
+        original.train(was_training)
+        run.contracts = [self._contract(s, run) for s in self.recipe.statements if isinstance(s, ast.Expect)]
+        return run
+
+    def _check_matches(
+        self, stmt: Any, plan: StepPlan, model: nn.Module, analysis: Analysis, run: Run
+    ) -> None:
+        selector = getattr(stmt, "selector", None)
+        if selector is None or plan.rows:
+            return
+        near = nearest_paths(model, analysis, selector)
+        listed = ", ".join(f"`{p}` ({analysis.modules[p].type})" for p in near)
+        diag = Diagnostic(
+            code="S0301",
+            message=f"`{stmt.verb}` matched no module of this model",
+            span=selector.span,
+            help=f"nearest modules: {listed}" if listed else None,
+            severity="error" if self.strict else "warning",
+        )
+        if self.strict:
+            raise PassError(diag)
+        run.warnings.append(diag)
+
+    def _lint(
+        self,
+        stmt: Any,
+        model: nn.Module,
+        example: Inputs,
+        reference: Any,
+        ref_shapes: list[tuple[int, ...]],
+    ) -> float:
+        try:
+            out = example.call(model)
+        except Exception as exc:
+            raise PassError(
+                Diagnostic(
+                    code="S0402",
+                    message=f"after `{stmt.verb}` the model no longer runs: {_first_line(exc)}",
+                    span=stmt.span,
+                    help="the model was left unchanged by this statement",
+                )
+            ) from exc
+        shapes = [tuple(t.shape) for t in flatten_outputs(out)]
+        if shapes != ref_shapes:
+            raise PassError(
+                Diagnostic(
+                    code="S0403",
+                    message=f"`{stmt.verb}` changed the model's output shapes",
+                    span=stmt.span,
+                    notes=(f"before: {ref_shapes}", f"after: {shapes}"),
+                    help="the model was left unchanged by this statement",
+                )
+            )
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in flatten_outputs(out)):
+            raise PassError(
+                Diagnostic(
+                    code="S0404",
+                    message=f"after `{stmt.verb}` the model outputs NaN or infinity",
+                    span=stmt.span,
+                    help="the model was left unchanged by this statement",
+                )
+            )
+        return drift([reference], [out])
+
+    def _contract(self, stmt: ast.Expect, run: Run) -> Contract:
+        from surgery.fmt import format_statement
+        from surgery.select import _compare
+
+        text = format_statement(stmt)
+        metric = stmt.metric.value
+        target = stmt.value.magnitude
+        interval: tuple[float, float] | None = None
+        if metric in ("params", "flops"):
+            before = run.params_before if metric == "params" else run.flops_before
+            after = run.params_after if metric == "params" else run.flops_after
+            if stmt.value.unit == "%":
+                measured = after / before if before else 0.0
+                shown = f"{measured:.1%} of the original ({after:,} of {before:,})"
+            else:
+                measured = float(after)
+                shown = f"{after:,}"
+        elif metric == "drift":
+            measured = float(run.drift) if run.drift is not None else float("nan")
+            shown = f"{measured:.4g}"
+        else:
+            if run.speed is None:
+                return Contract(stmt, text, None, None, None, "speed was not measured")
+            measured = run.speed.speedup
+            interval = (run.speed.ci_low, run.speed.ci_high)
+            shown = str(run.speed)
+        held = _compare(measured, stmt.op, target)
+        return Contract(stmt, text, measured, interval, held, shown)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
