@@ -88,7 +88,9 @@ class _Checker:
         self.table = table
         self.diags: list[Diagnostic] = []
 
-    def error(self, code: str, message: str, node: ast.Node | None, help: str | None = None) -> None:
+    def error(
+        self, code: str, message: str, node: ast.Node | None, help: str | None = None
+    ) -> None:
         self.diags.append(_err(code, message, node, help))
 
     # --- helpers ----------------------------------------------------------------------
@@ -111,15 +113,27 @@ class _Checker:
 
     def positive(self, node: ast.Int | None, what: str, help: str | None = None) -> None:
         if node is not None and node.value <= 0:
-            self.error("S0203", f"{what} must be a positive integer, found {node.value}", node, help)
+            self.error(
+                "S0203", f"{what} must be a positive integer, found {node.value}", node, help
+            )
 
-    def fraction(self, node: ast.Number | None, what: str, *, allow_zero: bool = False,
-                 allow_one: bool = True) -> None:
+    def fraction(
+        self,
+        node: ast.Number | None,
+        what: str,
+        *,
+        allow_zero: bool = False,
+        allow_one: bool = True,
+    ) -> None:
         if node is None:
             return
         if node.unit in ("K", "M", "G"):
-            self.error("S0203", f"{what} takes a fraction or a percentage, found `{_num_text(node)}`",
-                       node, "write e.g. `0.5` or `50%`")
+            self.error(
+                "S0203",
+                f"{what} takes a fraction or a percentage, found `{_num_text(node)}`",
+                node,
+                "write e.g. `0.5` or `50%`",
+            )
             return
         v = node.magnitude
         low_ok = v >= 0 if allow_zero else v > 0
@@ -128,40 +142,70 @@ class _Checker:
             lo = "[0" if allow_zero else "(0"
             hi = "1]" if allow_one else "1)"
             pct = "100%]" if allow_one else "100%)"
-            self.error("S0203", f"{what} must be in {lo}, {hi}, found `{_num_text(node)}`", node,
-                       f"write a fraction in {lo}, {hi} or a percentage in {lo[0]}0%, {pct}")
+            self.error(
+                "S0203",
+                f"{what} must be in {lo}, {hi}, found `{_num_text(node)}`",
+                node,
+                f"write a fraction in {lo}, {hi} or a percentage in {lo[0]}0%, {pct}",
+            )
 
     def implemented(self, verb: str, stmt: ast.Node) -> bool:
         if verb not in self.table.options:
-            self.error("S0209", f"`{verb}` is not implemented yet", stmt,
-                       "remove the statement; this version of surgery cannot carry it out")
+            self.error(
+                "S0209",
+                f"`{verb}` is not implemented yet",
+                stmt,
+                "remove the statement; this version of surgery cannot carry it out",
+            )
             return False
         return True
 
-    def option_implemented(self, verb: str, option: str, node: ast.Node | None,
-                           value: str | None = None, shown: str | None = None) -> None:
+    def option_implemented(
+        self,
+        verb: str,
+        option: str,
+        node: ast.Node | None,
+        value: str | None = None,
+        shown: str | None = None,
+    ) -> None:
         if node is None or verb not in self.table.options:
             return
         options = self.table.options[verb]
         label = shown or option
         if option not in options:
-            self.error("S0209", f"option `{label}` of `{verb}` is not implemented yet", node,
-                       f"remove `{label}`")
+            self.error(
+                "S0209",
+                f"option `{label}` of `{verb}` is not implemented yet",
+                node,
+                f"remove `{label}`",
+            )
             return
         allowed = options[option]
         if allowed is not None and value is not None and value not in allowed:
             choices = ", ".join(f"`{a}`" for a in sorted(allowed))
-            self.error("S0209", f"`{label} {value}` of `{verb}` is not implemented yet", node,
-                       f"implemented: {choices}")
+            self.error(
+                "S0209",
+                f"`{label} {value}` of `{verb}` is not implemented yet",
+                node,
+                f"implemented: {choices}",
+            )
 
     def selector(self, verb: str, sel: ast.Selector) -> None:
         valid = LANGUAGE.get(verb, {}).get("type", ())
         if sel.type is not None and self.name_in(sel.type, valid, f"module type for `{verb}`"):
             implemented = self.table.types.get(verb)
-            if implemented is not None and verb in self.table.options and sel.type.value not in implemented:
+            if (
+                implemented is not None
+                and verb in self.table.options
+                and sel.type.value not in implemented
+            ):
                 choices = ", ".join(f"`{t}`" for t in sorted(implemented))
-                self.error("S0209", f"`{verb} {sel.type.value}` is not implemented yet", sel.type,
-                           f"implemented types: {choices}")
+                self.error(
+                    "S0209",
+                    f"`{verb} {sel.type.value}` is not implemented yet",
+                    sel.type,
+                    f"implemented types: {choices}",
+                )
         if sel.where is not None:
             self.predicate(verb, sel.where)
 
@@ -173,17 +217,23 @@ class _Checker:
             self.predicate(verb, p.item)
         elif isinstance(p, ast.Match):
             if not p.pattern.value:
-                self.error("S0203", "empty name pattern", p.pattern, 'use e.g. `name ~ "encoder.*"`')
+                self.error(
+                    "S0203", "empty name pattern", p.pattern, 'use e.g. `name ~ "encoder.*"`'
+                )
         else:
             if p.field.value == "speedup":
                 self.option_implemented(verb, "where speedup", p.field, shown="where speedup")
             if p.value.unit == "%":
-                self.error("S0203", f"`{p.field.value}` is a count, not a percentage", p.value,
-                           "compare with a number such as `1M` or `3`")
+                self.error(
+                    "S0203",
+                    f"`{p.field.value}` is a count, not a percentage",
+                    p.value,
+                    "compare with a number such as `1M` or `3`",
+                )
 
     # --- statements -------------------------------------------------------------------
 
-    def statement(self, s: ast.Statement) -> None:  # noqa: C901 - one branch per verb
+    def statement(self, s: ast.Statement) -> None:
         verb = s.verb
         language = LANGUAGE.get(verb, {})
         if isinstance(s, ast.Target):
@@ -222,20 +272,35 @@ class _Checker:
             if s.budget is not None:
                 self.fraction(s.budget.value, "a budget")
             if s.rank is not None and s.budget is not None:
-                self.error("S0204", "`rank` and `budget` contradict each other", s.budget,
-                           "a budget chooses the rank of every layer: remove `rank` or `budget`")
+                self.error(
+                    "S0204",
+                    "`rank` and `budget` contradict each other",
+                    s.budget,
+                    "a budget chooses the rank of every layer: remove `rank` or `budget`",
+                )
             if s.rank is None and s.budget is None:
-                self.error("S0204", "`decompose` needs a `rank` or a `budget`", s,
-                           "add e.g. `rank = 0.25` or `budget params 50%`")
+                self.error(
+                    "S0204",
+                    "`decompose` needs a `rank` or a `budget`",
+                    s,
+                    "add e.g. `rank = 0.25` or `budget params 50%`",
+                )
             if ok:
                 if s.rank is not None:
-                    self.option_implemented(verb, "rank", s.rank, s.rank.kind,
-                                            "rank = energy" if s.rank.kind == "energy" else "rank")
+                    self.option_implemented(
+                        verb,
+                        "rank",
+                        s.rank,
+                        s.rank.kind,
+                        "rank = energy" if s.rank.kind == "energy" else "rank",
+                    )
                 if s.method is not None:
                     self.option_implemented(verb, "method", s.method, s.method.value)
                 self.option_implemented(verb, "round", s.round)
                 self.option_implemented(verb, "progressive", s.progressive)
-                self.option_implemented(verb, "keep_if_faster", s.keep_if_faster, shown="keep if faster")
+                self.option_implemented(
+                    verb, "keep_if_faster", s.keep_if_faster, shown="keep if faster"
+                )
                 self.option_implemented(verb, "budget", s.budget)
         elif isinstance(s, ast.Group):
             self.positive(s.kv, "`kv`", "use `kv = 1` for multi-query attention")
@@ -245,37 +310,55 @@ class _Checker:
         elif isinstance(s, ast.SkipTokens):
             self.fraction(s.ratio, "the share of skipped tokens", allow_zero=True, allow_one=False)
             if s.until is not None and s.until.value <= s.after.value:
-                self.error("S0204", f"`until block {s.until.value}` is not after `after block {s.after.value}`",
-                           s.until, f"use a block after {s.after.value}, or drop `until`")
+                self.error(
+                    "S0204",
+                    f"`until block {s.until.value}` is not after `after block {s.after.value}`",
+                    s.until,
+                    f"use a block after {s.after.value}, or drop `until`",
+                )
             if ok:
                 self.option_implemented(verb, "until", s.until)
         elif isinstance(s, ast.Split):
             self.selector(verb, s.selector)
             if s.mode.value == "exact" and (s.combine is not None or s.rank is not None):
                 extra = s.combine if s.combine is not None else s.rank
-                self.error("S0204", "`exact` takes no `add`/`cat` or `rank`", extra,
-                           "these options belong to `(2+1)d`")
+                self.error(
+                    "S0204",
+                    "`exact` takes no `add`/`cat` or `rank`",
+                    extra,
+                    "these options belong to `(2+1)d`",
+                )
             if s.rank is not None:
                 self.rank(s.rank)
             if ok:
                 self.option_implemented(verb, "mode", s.mode, s.mode.value)
-                self.option_implemented(verb, "combine", s.combine, s.combine.value if s.combine else None)
+                self.option_implemented(
+                    verb, "combine", s.combine, s.combine.value if s.combine else None
+                )
                 self.option_implemented(verb, "rank", s.rank, s.rank.kind if s.rank else None)
         elif isinstance(s, ast.Sparsify):
             self.selector(verb, s.selector)
             self.positive(s.n, "`N` of `N:M`")
             self.positive(s.m, "`M` of `N:M`")
             if 0 < s.m.value <= s.n.value:
-                self.error("S0203", f"`{s.n.value}:{s.m.value}` keeps every weight", s.n,
-                           "N must be smaller than M, e.g. `2:4`")
+                self.error(
+                    "S0203",
+                    f"`{s.n.value}:{s.m.value}` keeps every weight",
+                    s.n,
+                    "N must be smaller than M, e.g. `2:4`",
+                )
         elif isinstance(s, ast.Factorize):
             self.selector(verb, s.selector)
             self.name_in(s.method, language["method"], "factorization")
             self.positive(s.basis, "`basis`")
             self.positive(s.nonzeros, "`nonzeros`")
             if s.nonzeros.value > s.basis.value > 0:
-                self.error("S0203", f"`nonzeros {s.nonzeros.value}` exceeds `basis {s.basis.value}`",
-                           s.nonzeros, f"use at most {s.basis.value} non-zeros")
+                self.error(
+                    "S0203",
+                    f"`nonzeros {s.nonzeros.value}` exceeds `basis {s.basis.value}`",
+                    s.nonzeros,
+                    f"use at most {s.basis.value} non-zeros",
+                )
         elif isinstance(s, ast.Regularize):
             self.name_in(s.method, language["method"], "regularizer")
             if s.strength.magnitude <= 0:
@@ -293,9 +376,12 @@ class _Checker:
             if s.indices is not None:
                 values = [i.value for i in s.indices]
                 if len(values) != s.keep.value:
-                    self.error("S0204", f"`keep {s.keep.value}` but {len(values)} block indices listed",
-                               s.indices[0] if s.indices else s.keep,
-                               f"list exactly {s.keep.value} indices")
+                    self.error(
+                        "S0204",
+                        f"`keep {s.keep.value}` but {len(values)} block indices listed",
+                        s.indices[0] if s.indices else s.keep,
+                        f"list exactly {s.keep.value} indices",
+                    )
                 if len(set(values)) != len(values):
                     self.error("S0203", "a block index is listed twice", s.indices[0])
         elif isinstance(s, ast.Freeze):
@@ -317,14 +403,22 @@ class _Checker:
         v = r.value.magnitude
         if r.kind == "absolute":
             if v <= 0:
-                self.error("S0203", f"rank must be positive, found {int(v)}", r.value,
-                           "write an absolute rank like `128` or a fraction like `0.25`")
+                self.error(
+                    "S0203",
+                    f"rank must be positive, found {int(v)}",
+                    r.value,
+                    "write an absolute rank like `128` or a fraction like `0.25`",
+                )
         elif r.kind == "energy":
             self.fraction(r.value, "an energy threshold")
         else:
             if r.value.unit in ("K", "M", "G") or not 0 < v <= 1:
-                self.error("S0203", f"a rank fraction must be in (0, 1], found `{_num_text(r.value)}`",
-                           r.value, "write a fraction like `0.25` or `25%`, or an integer for an absolute rank")
+                self.error(
+                    "S0203",
+                    f"a rank fraction must be in (0, 1], found `{_num_text(r.value)}`",
+                    r.value,
+                    "write a fraction like `0.25` or `25%`, or an integer for an absolute rank",
+                )
 
     def expect(self, s: ast.Expect) -> None:
         metric = s.metric.value
@@ -334,12 +428,23 @@ class _Checker:
         else:  # params, flops and drift are never negative
             never = (s.op == "<" and v <= 0) or (s.op in ("<=", "==") and v < 0)
         if metric == "drift" and s.value.unit in ("K", "M", "G"):
-            self.error("S0203", "drift is a relative error, not a count", s.value, "write e.g. `0.05` or `5%`")
+            self.error(
+                "S0203",
+                "drift is a relative error, not a count",
+                s.value,
+                "write e.g. `0.05` or `5%`",
+            )
         if never:
             from surgery.fmt import format_statement
 
-            self.error("S0208", f"contract `{format_statement(s)}` can never hold", s,
-                       f"`{metric}` is never negative" if metric != "speedup" else "a speedup is always positive")
+            self.error(
+                "S0208",
+                f"contract `{format_statement(s)}` can never hold",
+                s,
+                f"`{metric}` is never negative"
+                if metric != "speedup"
+                else "a speedup is always positive",
+            )
         if s.on is not None:
             self.name_in(s.on, BACKENDS, "backend")
             if metric != "speedup":
@@ -359,18 +464,34 @@ class _Checker:
             self.statement(s)
             if isinstance(s, ast.Calibrate):
                 if seen_calibrate is not None:
-                    self.error("S0205", "a second `calibrate` statement", s,
-                               f"keep the one on line {seen_calibrate.span.line}")
+                    self.error(
+                        "S0205",
+                        "a second `calibrate` statement",
+                        s,
+                        f"keep the one on line {seen_calibrate.span.line}",
+                    )
                 seen_calibrate = s
             if isinstance(s, ast.Freeze | ast.Regularize):
                 later_heal = any(isinstance(t, ast.Heal) for t in recipe.statements[index + 1 :])
                 if not later_heal:
-                    self.error("S0206", f"`{s.verb}` has no effect without a later `heal`", s,
-                               "add e.g. `heal steps 200 distill from original` after it")
-            if isinstance(s, ast.Expect) and s.on is not None and s.on.value in BACKENDS \
-                    and s.on.value not in targets:
-                self.error("S0207", f"`expect speedup on {s.on.value}` but no `target {s.on.value}`",
-                           s.on, f"add `target {s.on.value}` to the recipe")
+                    self.error(
+                        "S0206",
+                        f"`{s.verb}` has no effect without a later `heal`",
+                        s,
+                        "add e.g. `heal steps 200 distill from original` after it",
+                    )
+            if (
+                isinstance(s, ast.Expect)
+                and s.on is not None
+                and s.on.value in BACKENDS
+                and s.on.value not in targets
+            ):
+                self.error(
+                    "S0207",
+                    f"`expect speedup on {s.on.value}` but no `target {s.on.value}`",
+                    s.on,
+                    f"add `target {s.on.value}` to the recipe",
+                )
 
 
 def check(recipe: ast.Recipe, table: Support | None = None) -> list[Diagnostic]:
@@ -378,4 +499,3 @@ def check(recipe: ast.Recipe, table: Support | None = None) -> list[Diagnostic]:
     checker = _Checker(table or support())
     checker.recipe(recipe)
     return sorted(checker.diags, key=Diagnostic.sort_key)
-

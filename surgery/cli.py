@@ -216,7 +216,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             status = EXIT_USER
         _emit_or_collect(diags, source, path, args.format, report)
         if not diags and args.format == "text":
-            sys.stderr.write(f"ok: {path}: {len(statements)} statement{'s' if len(statements) != 1 else ''}\n")
+            sys.stderr.write(
+                f"ok: {path}: {len(statements)} statement{'s' if len(statements) != 1 else ''}\n"
+            )
     if args.format == "json":
         print(json.dumps(report, indent=2))
     return status
@@ -285,7 +287,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # Refuse a bad output before the (long) run, and again atomically when writing.
     if out.exists() and not args.force:
         raise UserError(
-            [Diagnostic(code="S0330", message=f"`{out}` already exists", help="pass `--force` to replace it")],
+            [
+                Diagnostic(
+                    code="S0330",
+                    message=f"`{out}` already exists",
+                    help="pass `--force` to replace it",
+                )
+            ],
             None,
             args.output,
         )
@@ -366,12 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"surgery {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="check recipes without a model", epilog="example: surgery check recipes/*.surg")
+    p = sub.add_parser(
+        "check",
+        help="check recipes without a model",
+        epilog="example: surgery check recipes/*.surg",
+    )
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("fmt", help="print recipes in canonical form", epilog="example: surgery fmt --check recipes/*.surg")
+    p = sub.add_parser(
+        "fmt",
+        help="print recipes in canonical form",
+        epilog="example: surgery fmt --check recipes/*.surg",
+    )
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="exit 1 if a recipe is not formatted")
@@ -380,29 +396,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("recipe", metavar="RECIPE")
-        p.add_argument("model", metavar="MODEL", help="HF model dir, .pt2, or state dict with --arch")
-        p.add_argument("--arch", metavar="MODULE:FACTORY", help="builds the architecture of a state dict")
-        p.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled module (runs code from the file)")
-        p.add_argument("--strict", action="store_true", help="a selector that matches nothing is an error")
+        p.add_argument(
+            "model", metavar="MODEL", help="HF model dir, .pt2, or state dict with --arch"
+        )
+        p.add_argument(
+            "--arch", metavar="MODULE:FACTORY", help="builds the architecture of a state dict"
+        )
+        p.add_argument(
+            "--trust-pickle",
+            action="store_true",
+            help="allow loading a pickled module (runs code from the file)",
+        )
+        p.add_argument(
+            "--strict", action="store_true", help="a selector that matches nothing is an error"
+        )
         p.add_argument("--format", choices=("text", "json"), default="text")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
         p.add_argument("--warmup", type=int, default=3, help="timing warm-up runs (default 3)")
         p.add_argument("--repeats", type=int, default=20, help="timed A/B repeats (default 20)")
 
-    p = sub.add_parser("plan", help="show what a recipe would do to a model",
-                       epilog="example: surgery plan recipes/minilm-lowrank.surg MODEL_DIR --format json")
+    p = sub.add_parser(
+        "plan",
+        help="show what a recipe would do to a model",
+        epilog="example: surgery plan recipes/minilm-lowrank.surg MODEL_DIR --format json",
+    )
     model_args(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("apply", help="apply a recipe, measure, and write the surgered model",
-                       epilog="example: surgery apply recipes/minilm-lowrank.surg MODEL_DIR -o out/minilm")
+    p = sub.add_parser(
+        "apply",
+        help="apply a recipe, measure, and write the surgered model",
+        epilog="example: surgery apply recipes/minilm-lowrank.surg MODEL_DIR -o out/minilm",
+    )
     model_args(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-measure", action="store_true", help="skip timing")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("load", help="rebuild a surgered model and run it once", epilog="example: surgery load out/minilm")
+    p = sub.add_parser(
+        "load",
+        help="rebuild a surgered model and run it once",
+        epilog="example: surgery load out/minilm",
+    )
     p.add_argument("directory", metavar="OUT")
     p.set_defaults(func=cmd_load)
 
@@ -428,7 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("warmup", "repeats"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < (1 if name == "repeats" else 0):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < (
+            1 if name == "repeats" else 0
+        ):
             parser.error(f"--{name} must be {'positive' if name == 'repeats' else 'non-negative'}")
     # Like `python -m`, let `--arch module:factory` and saved factory models name modules of
     # the current directory.
@@ -437,7 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UserError as exc:
-        _emit_diagnostics(exc.diagnostics, exc.source, exc.filename, getattr(args, "format", "text"))
+        _emit_diagnostics(
+            exc.diagnostics, exc.source, exc.filename, getattr(args, "format", "text")
+        )
         return EXIT_USER
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -21,7 +21,9 @@ class ModuleInfo:
     type: str  # class name, e.g. "Linear", "Conv1D", "Conv2d", "BertSelfAttention"
     params: int  # parameters owned directly or by children (tied weights counted once per module)
     flops: int  # FLOPs of one forward on the example inputs (2 per multiply-accumulate)
-    input_shapes: list[tuple[int, ...]] = field(default_factory=list)  # tensor args of the first call
+    input_shapes: list[tuple[int, ...]] = field(
+        default_factory=list
+    )  # tensor args of the first call
     output_shapes: list[tuple[int, ...]] = field(default_factory=list)
     in_features: int | None = None  # Linear/Conv1D: input width; conv: in_channels
     out_features: int | None = None  # Linear/Conv1D: output width; conv: out_channels

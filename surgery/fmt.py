@@ -50,9 +50,7 @@ def _pred(p: ast.Predicate, parent: int = 0) -> str:
     else:
         text = " or ".join(_pred(i, _PRECEDENCE["or"]) for i in p.items)
     # Nested and/or of the same kind would flatten on re-parse, so always bracket them.
-    if _PRECEDENCE[p.kind] < parent or (
-        p.kind in ("and", "or") and parent == _PRECEDENCE[p.kind]
-    ):
+    if _PRECEDENCE[p.kind] < parent or (p.kind in ("and", "or") and parent == _PRECEDENCE[p.kind]):
         return f"({text})"
     return text
 
@@ -77,7 +75,7 @@ def _rank(r: ast.Rank) -> str:
     return f"rank = {text}"
 
 
-def format_statement(stmt: ast.Statement) -> str:  # noqa: C901 - one branch per verb
+def format_statement(stmt: ast.Statement) -> str:
     """The canonical text of one statement (no comment, no newline)."""
     s = stmt
     if isinstance(s, ast.Target):

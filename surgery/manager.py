@@ -314,7 +314,9 @@ class Manager:
                 progress=self.progress,
             )
         original.train(was_training)
-        run.contracts = [self._contract(s, run) for s in self.recipe.statements if isinstance(s, ast.Expect)]
+        run.contracts = [
+            self._contract(s, run) for s in self.recipe.statements if isinstance(s, ast.Expect)
+        ]
         return run
 
     def _context(
@@ -339,7 +341,7 @@ class Manager:
         ref_shapes: list[tuple[int, ...]],
     ) -> None:
         """Plan, apply to a copy, lint; the model changes only if all of that succeeds."""
-        stmt = surgery_pass.statement
+        stmt: Any = surgery_pass.statement
         started = time.perf_counter()
         plan = surgery_pass.plan(state.model)
         self._check_matches(stmt, plan, state.model, state.analysis, run)

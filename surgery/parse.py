@@ -139,7 +139,7 @@ def _statement_ranges(source: str) -> list[tuple[int, int]]:
 
 
 def _has_code(text: str) -> bool:
-    stripped = re.sub(r'#[^\n]*|\\\r?\n|\s', "", text)
+    stripped = re.sub(r"#[^\n]*|\\\r?\n|\s", "", text)
     return bool(stripped)
 
 
@@ -420,9 +420,7 @@ class _Build(Transformer[Token, Any]):
         metric_tok, op_tok, value = children[:3]
         opts = self._options("expect", children[3:])
         metric = ast.Name(value=str(metric_tok), span=self._tspan(metric_tok))
-        return ast.Expect(
-            metric=metric, op=str(op_tok), value=value, span=self._span(meta), **opts
-        )
+        return ast.Expect(metric=metric, op=str(op_tok), value=value, span=self._span(meta), **opts)
 
 
 # --- syntax errors -> diagnostics ------------------------------------------------------
@@ -443,16 +441,14 @@ def _describe_expected(expected: set[str]) -> tuple[list[str], list[str]]:
     return sorted(set(keywords)), sorted(set(values))
 
 
-def _syntax_diagnostic(
-    err: UnexpectedInput, source: str, start: int, end: int
-) -> Diagnostic:
+def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) -> Diagnostic:
     text = source[start:end]
     verb_match = re.match(r"\s*([A-Za-z_][A-Za-z0-9_-]*)", text)
     verb = verb_match.group(1) if verb_match else ""
     first_word_pos = start + (verb_match.start(1) if verb_match else 0)
 
     if isinstance(err, UnexpectedCharacters):
-        pos = start + err.pos_in_stream
+        pos = start + (err.pos_in_stream or 0)
         expected = set(err.allowed or ())
     elif isinstance(err, UnexpectedToken):
         tok = err.token
@@ -502,9 +498,11 @@ def _syntax_diagnostic(
     if word.startswith('"') or (word == '"'):
         return Diagnostic(
             code="S0107",
-            message="unterminated string" if source.count('"', pos, end) % 2 else "unexpected string",
+            message="unterminated string"
+            if source.count('"', pos, end) % 2
+            else "unexpected string",
             span=span_of(source, pos, end if source.count('"', pos, end) % 2 else pos + 1),
-            help="close the string with `\"` on the same line"
+            help='close the string with `"` on the same line'
             if source.count('"', pos, end) % 2
             else f"expected {_one_of([f'`{k}`' for k in keywords] + values)}",
         )

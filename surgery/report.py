@@ -43,11 +43,15 @@ def _detail(row: PlanRow) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     right = {i for i, h in enumerate(headers) if h in ("params", "FLOPs")}
 
     def fmt(cells: list[str]) -> str:
-        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        out = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ]
         return (indent + "  ".join(out)).rstrip()
 
     return [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
@@ -165,7 +169,9 @@ def report_markdown(run: Run, *, recipe: str, model: str, recipe_source: str) ->
         + (f"FLOP-ideal speedup {run.flop_speedup:.2f}× |" if run.flop_speedup else "|"),
     ]
     if run.drift is not None:
-        out.append(f"| drift (relative output error) | | {run.drift:.4g} | measured on calibration |")
+        out.append(
+            f"| drift (relative output error) | | {run.drift:.4g} | measured on calibration |"
+        )
     if run.speed is not None:
         s = run.speed
         out.append(
@@ -201,9 +207,11 @@ def report_markdown(run: Run, *, recipe: str, model: str, recipe_source: str) ->
     out += ["## Provenance", ""]
     if run.changes:
         out += ["| recipe line | pass | module | change |", "|---:|---|---|---|"]
-        for c in run.changes:
-            detail = ", ".join(f"{k}={v}" for k, v in c.detail.items())
-            out.append(f"| {c.line} | {c.pass_name} | `{c.path}` | {c.action} {detail} |")
+        for change in run.changes:
+            detail = ", ".join(f"{k}={v}" for k, v in change.detail.items())
+            out.append(
+                f"| {change.line} | {change.pass_name} | `{change.path}` | {change.action} {detail} |"
+            )
     else:
         out.append("No module was changed.")
     out += ["", "## Recipe", "", "```", recipe_source.rstrip("\n"), "```", ""]

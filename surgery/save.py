@@ -187,7 +187,7 @@ def atomic_directory(
     out = Path(out).absolute()
     for p in protect or []:
         p = Path(p).absolute()
-        if out == p or p.is_relative_to(out) or out.is_relative_to(p) and p.is_dir():
+        if out == p or p.is_relative_to(out) or (out.is_relative_to(p) and p.is_dir()):
             raise OutputError(
                 f"refusing to write into `{out}`: it would overwrite the input `{p}`",
                 help="choose an output directory outside the input model",

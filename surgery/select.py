@@ -110,7 +110,11 @@ def nearest_paths(
     """Module paths closest to what ``selector`` asked for (for "matched nothing" warnings)."""
     modules = dict(model.named_modules())
     if selector.type is not None:
-        typed = [p for p in analysis.modules if p in modules and selector.type.value in type_names(modules[p])]
+        typed = [
+            p
+            for p in analysis.modules
+            if p in modules and selector.type.value in type_names(modules[p])
+        ]
         if typed:
             return typed[:limit]
         guess = nearest(selector.type.value, {i.type for i in analysis.modules.values()})

