@@ -18,7 +18,27 @@ True
 
 from __future__ import annotations
 
+from surgery.modules.attention import GroupedAttention
+from surgery.modules.conv3d import Conv2Plus1d, Conv3dAs2d
+from surgery.modules.identity import IdentitySublayer
 from surgery.modules.lowrank_linear import LowRankLinear
 from surgery.modules.registry import SurgeryModule, build, register_module, registered
+from surgery.modules.sparse import DenseSparseLinear, SparseLinear
+from surgery.modules.token_skip import TokenSkipLayers
+from surgery.modules.tucker_conv import TuckerConv2d
 
-__all__ = ["LowRankLinear", "SurgeryModule", "build", "register_module", "registered"]
+__all__ = [
+    "Conv2Plus1d",
+    "Conv3dAs2d",
+    "DenseSparseLinear",
+    "GroupedAttention",
+    "IdentitySublayer",
+    "LowRankLinear",
+    "SparseLinear",
+    "SurgeryModule",
+    "TokenSkipLayers",
+    "TuckerConv2d",
+    "build",
+    "register_module",
+    "registered",
+]

@@ -21,21 +21,48 @@ from surgery.passes.base import (
     TrainingHook,
 )
 from surgery.passes.decompose import DecomposePass
+from surgery.passes.drop import DropPass
+from surgery.passes.factorize import FactorizePass
+from surgery.passes.group import GroupPass
+from surgery.passes.skip import SkipPass
+from surgery.passes.sparsify import SparsifyPass
+from surgery.passes.split import SplitPass
+from surgery.passes.truncate import TruncatePass
 
 __all__ = [
     "PASSES",
     "Change",
     "DecomposePass",
+    "DropPass",
+    "FactorizePass",
+    "GroupPass",
     "PassContext",
     "PassError",
     "PlanRow",
+    "SkipPass",
+    "SparsifyPass",
+    "SplitPass",
     "StepPlan",
     "SurgeryPass",
     "TrainingHook",
+    "TruncatePass",
     "pass_for",
 ]
 
-PASSES: dict[str, type[SurgeryPass]] = {cls.keyword: cls for cls in (DecomposePass,)}
+# One explicit table, sqlglot-style: the keyword of a recipe statement -> its pass.
+PASSES: dict[str, type[SurgeryPass]] = {
+    cls.keyword: cls
+    for cls in (
+        DecomposePass,
+        GroupPass,
+        SkipPass,
+        DropPass,
+        TruncatePass,
+        SplitPass,
+        SparsifyPass,
+        FactorizePass,
+    )
+}
 
 
 def pass_for(statement: Any, context: PassContext | None = None) -> SurgeryPass:

@@ -1,0 +1,245 @@
+"""`drop`: replace the least important attention or MLP sublayers by identity (2406.15786).
+
+``drop attention N [by similarity]`` (or ``drop mlp N``) scores every block's sublayer by
+``importance = 1 − cos(x_in, x_out)``: the mean over calibration tokens of how much the
+sublayer turns the residual stream, and replaces the ``N`` least important with an
+:class:`~surgery.modules.identity.IdentitySublayer`. Definitions per architecture:
+
+* pre-LN blocks (GPT-2, LLaMA, ViT: ``x + f(norm(x))``): ``x_in`` is the residual stream
+  entering the sublayer and ``x_out = x_in + f(norm(x_in))`` the stream leaving it (for the
+  attention ``x_in`` is the block input; for the MLP, ``x_out`` is the block output). Dropping
+  makes ``f`` return zeros, so the stream passes through the block's residual add.
+* post-LN blocks (BERT: ``LayerNorm(x + f(x))``): ``x_in`` is the sublayer input and ``x_out``
+  its normalised output; dropping makes ``sublayer + residual + LayerNorm`` the identity on the
+  hidden states (``BertAttention`` → identity; ``BertIntermediate``/``BertOutput`` → pass the
+  attention output through).
+
+Calibration batches come from ``context.calibration`` (``context.example`` if empty, else
+inputs derived from the model). ``drop attention 0`` changes nothing. Ties keep the earlier block.
+
+>>> import torch
+>>> from transformers import BertConfig, BertModel
+>>> from surgery.parse import parse
+>>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+...                              intermediate_size=64, vocab_size=50)).eval()
+>>> p = DropPass(parse("drop attention 1").statements[0])
+>>> plan = p.ensure_context(model) and p.plan(model)
+>>> len(plan.rows), len(plan.changed_rows)
+(3, 1)
+>>> [c.action for c in p.apply(model, plan)]
+['drop']
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from surgery import ast
+from surgery.diagnostics import Diagnostic
+from surgery.modules.identity import IdentitySublayer
+from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.transformer_arch import (
+    Sublayer,
+    attention_of_block,
+    first_tensor,
+    get_module,
+    set_module,
+    sublayers,
+)
+
+__all__ = ["DropPass", "sublayer_importance"]
+
+
+def _hidden_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _one_minus_cos(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
+    """(sum over tokens of 1 − cos, number of tokens) for (B, T, C) tensors."""
+    cos = nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)  # (B, T)
+    return float((1.0 - cos).sum()), int(cos.numel())
+
+
+def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[Any]) -> list[float]:
+    """Mean ``1 − cos(x_in, x_out)`` of each sublayer over ``batches`` (``Inputs``)."""
+    total: dict[int, float] = defaultdict(float)
+    count: dict[int, int] = defaultdict(int)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def add(i: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        s, n = _one_minus_cos(x_in, x_out)
+        total[i] += s
+        count[i] += n
+
+    for i, sub in enumerate(subs):
+        if sub.norm == "post":
+
+            def pre(
+                _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i
+            ) -> None:
+                seen[f"in{i}"] = _hidden_arg(args, kwargs)
+
+            def post(_m: nn.Module, _a: Any, _k: Any, out: Any, i: int = i) -> None:
+                add(i, seen.pop(f"in{i}"), first_tensor(out))
+
+            handles.append(
+                get_module(model, sub.score_in).register_forward_pre_hook(pre, with_kwargs=True)
+            )
+            handles.append(
+                get_module(model, sub.score_out).register_forward_hook(post, with_kwargs=True)
+            )
+        else:
+            block = get_module(model, sub.block_path)
+
+            def bpre(
+                _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i
+            ) -> None:
+                seen[f"in{i}"] = _hidden_arg(args, kwargs)
+
+            def spost(_m: nn.Module, _a: Any, _k: Any, out: Any, i: int = i) -> None:
+                seen[f"sub{i}"] = first_tensor(out)
+
+            def bpost(
+                _m: nn.Module, _a: Any, _k: Any, out: Any, i: int = i, kind: str = sub.kind
+            ) -> None:
+                x_block_in, f = seen.pop(f"in{i}"), seen.pop(f"sub{i}")
+                if kind == "attention":  # stream before / after the attention's residual add
+                    add(i, x_block_in, x_block_in + f)
+                else:  # stream before / after the MLP's residual add (the block output)
+                    x_block_out = first_tensor(out)
+                    add(i, x_block_out - f, x_block_out)
+
+            handles.append(block.register_forward_pre_hook(bpre, with_kwargs=True))
+            handles.append(
+                get_module(model, sub.score_out).register_forward_hook(spost, with_kwargs=True)
+            )
+            handles.append(block.register_forward_hook(bpost, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch.call(model)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [total[i] / max(count[i], 1) for i in range(len(subs))]
+
+
+class DropPass(SurgeryPass):
+    """``drop attention|mlp N [by similarity]``."""
+
+    keyword: ClassVar[str] = "drop"
+    statement_type: ClassVar[type[ast.Node]] = ast.Drop
+    implemented_options: ClassVar[dict[str, set[str] | None]] = {
+        "sublayer": {"attention", "mlp"},
+        "by": {"similarity"},
+    }
+
+    def _batches(self, model: nn.Module) -> list[Any]:
+        ctx = self.ensure_context(model)
+        if ctx.calibration:
+            return list(ctx.calibration)
+        if ctx.example is not None:
+            return [ctx.example]
+        from surgery.inputs import example_inputs
+
+        return [example_inputs(model)]
+
+    def plan(self, model: nn.Module) -> StepPlan:
+        ctx = self.ensure_context(model)
+        stmt = self.statement
+        assert isinstance(stmt, ast.Drop)
+        plan = self.new_plan()
+        kind = stmt.sublayer.value
+        if kind not in ("attention", "mlp"):
+            raise PassError(
+                Diagnostic(
+                    code="S0331",
+                    message=f"`drop` takes `attention` or `mlp`, not `{kind}`",
+                    span=stmt.sublayer.span,
+                    help="write `drop attention N` or `drop mlp N`",
+                )
+            )
+        if stmt.by is not None and stmt.by.value != "similarity":
+            raise PassError(
+                Diagnostic(
+                    code="S0332",
+                    message=f"unknown importance `{stmt.by.value}`",
+                    span=stmt.by.span,
+                    help="the implemented importance is `by similarity` (1 − cos(x_in, x_out))",
+                )
+            )
+        try:
+            subs = sublayers(model, kind)  # type: ignore[arg-type]
+        except LookupError:
+            subs = []
+        n = stmt.count.value
+        if n < 0 or n > len(subs):
+            raise PassError(
+                Diagnostic(
+                    code="S0330",
+                    message=f"cannot drop {n} {kind} sublayers: the model has {len(subs)} that can be dropped",
+                    span=stmt.count.span,
+                    help=f"valid range: 0..{len(subs)}",
+                )
+            )
+        scores = (
+            sublayer_importance(model, subs, self._batches(model)) if n > 0 else [0.0] * len(subs)
+        )
+        order = sorted(range(len(subs)), key=lambda i: (scores[i], subs[i].block))
+        chosen = set(order[:n])
+        replace: dict[str, tuple[str, bool, int | None]] = {}
+        for i, sub in enumerate(subs):
+            paths = list(sub.replace)
+            infos = [ctx.analysis.modules.get(p) for p in paths]
+            params = sum(
+                int(sum(p.numel() for p in get_module(model, q).parameters())) for q in paths
+            )
+            flops = sum(info.flops for info in infos if info is not None)
+            plan.rows.append(
+                PlanRow(
+                    path=paths[0] if len(paths) == 1 else sub.block_path,
+                    type=type(get_module(model, paths[0])).__name__,
+                    shape=f"block {sub.block} {kind} ({sub.norm}-LN)",
+                    action="drop" if i in chosen else "skip",
+                    params_before=params,
+                    params_after=0 if i in chosen else params,
+                    flops_before=flops,
+                    flops_after=0 if i in chosen else flops,
+                    detail={
+                        "block": sub.block,
+                        "importance": round(scores[i], 8),
+                        "replaces": paths,
+                    },
+                    note="" if i in chosen else "kept: more important",
+                )
+            )
+            if i in chosen:
+                layer_idx = None
+                att = attention_of_block(get_module(model, sub.block_path))
+                if kind == "attention" and att is not None and att[1].causal:
+                    layer_idx = getattr(
+                        get_module(model, sub.block_path).get_submodule(att[0]), "layer_idx", None
+                    )
+                for p, (mode, tup) in sub.replace.items():
+                    replace[p] = (mode, tup, layer_idx)
+        plan.data["replace"] = replace
+        if n == 0:
+            plan.notes.append("dropping 0 sublayers changes nothing")
+        return plan
+
+    def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
+        stmt = self.statement
+        assert isinstance(stmt, ast.Drop)
+        replace: dict[str, tuple[str, bool, int | None]] = plan.data.get("replace", {})
+        changes: list[Change] = []
+        for path, (mode, tup, layer_idx) in replace.items():
+            set_module(model, path, IdentitySublayer(mode, returns_tuple=tup, layer_idx=layer_idx))  # type: ignore[arg-type]
+            changes.append(self.change(path, "drop", sublayer=stmt.sublayer.value, mode=mode))
+        return changes

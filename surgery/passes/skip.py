@@ -1,0 +1,167 @@
+"""`skip`: SkipViT token skipping (2401.15293) on CLS-token encoders.
+
+``skip tokens 55% after block 3 [until block 9]`` scores tokens at block ``3`` by the CLS
+token's attention, runs blocks ``4 .. 9`` (default: to the last block) on CLS plus the top
+``⌈(1−ρ)·(N−1)⌉`` tokens and carries the other tokens unchanged, scattering them back into
+their positions afterwards. It wraps the model's block list in a
+:class:`~surgery.modules.token_skip.TokenSkipLayers` (no new parameters; see there for the
+scoring, rounding and masking rules). Works on HF ``ViTModel`` and BERT-style encoders;
+decoders (GPT-2, LLaMA) have no CLS token and are refused.
+
+Plan: one row per block with its token count before/after (``N`` from the analysed example,
+if shapes were recorded). Block FLOPs after skipping are estimated as
+``flops · (1+k)/N`` (exact for the linear layers, an upper bound for the ``T²`` attention term).
+
+>>> import torch
+>>> from transformers import ViTConfig, ViTModel
+>>> from surgery.parse import parse
+>>> model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+...                            intermediate_size=64, image_size=16, patch_size=4)).eval()
+>>> p = SkipPass(parse("skip tokens 50% after block 0").statements[0])
+>>> plan = p.ensure_context(model) and p.plan(model)
+>>> [r.action for r in plan.rows]
+['skip', 'skip tokens', 'skip tokens']
+>>> _ = p.apply(model, plan)
+>>> model(pixel_values=torch.randn(2, 3, 16, 16)).last_hidden_state.shape
+torch.Size([2, 17, 32])
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from surgery import ast
+from surgery.diagnostics import Diagnostic
+from surgery.modules.token_skip import TokenSkipLayers, keep_count
+from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.transformer_arch import block_list, get_module, has_cls_token, set_module
+
+__all__ = ["SkipPass"]
+
+
+class SkipPass(SurgeryPass):
+    """``skip tokens P% after block D [until block E]``."""
+
+    keyword: ClassVar[str] = "skip"
+    statement_type: ClassVar[type[ast.Node]] = ast.SkipTokens
+    implemented_options: ClassVar[dict[str, set[str] | None]] = {
+        "ratio": None,
+        "after": None,
+        "until": None,
+    }
+
+    def plan(self, model: nn.Module) -> StepPlan:
+        ctx = self.ensure_context(model)
+        stmt = self.statement
+        assert isinstance(stmt, ast.SkipTokens)
+        plan = self.new_plan()
+        if not has_cls_token(model):
+            raise PassError(
+                Diagnostic(
+                    code="S0320",
+                    message=f"token skipping needs a CLS-token encoder; `{type(model).__name__}` has no CLS token",
+                    span=stmt.span,
+                    help="use `skip tokens` on ViT or BERT-style encoders; for decoders consider `drop` or `truncate`",
+                )
+            )
+        path, blocks = block_list(model)
+        if isinstance(path, str) and path.endswith(".inner"):
+            raise PassError(
+                Diagnostic(
+                    code="S0323",
+                    message="this model already skips tokens",
+                    span=stmt.span,
+                    help="write one `skip tokens` statement per recipe",
+                )
+            )
+        n = len(blocks)
+        ratio = stmt.ratio.magnitude
+        if not 0.0 <= ratio <= 1.0:
+            raise PassError(
+                Diagnostic(
+                    code="S0322",
+                    message=f"the skipped fraction must be between 0% and 100%, got {ratio:g}",
+                    span=stmt.ratio.span,
+                    help="write e.g. `skip tokens 55% after block 3`",
+                )
+            )
+        d = stmt.after.value
+        if not 0 <= d < n - 1:
+            raise PassError(
+                Diagnostic(
+                    code="S0321",
+                    message=f"block {d} is out of range: tokens can be skipped after blocks 0..{n - 2} of {n}",
+                    span=stmt.after.span,
+                    help=f"valid range: 0..{n - 2} (at least one block must follow)",
+                )
+            )
+        last = n - 1
+        if stmt.until is not None:
+            last = stmt.until.value
+            if not d < last <= n - 1:
+                raise PassError(
+                    Diagnostic(
+                        code="S0321",
+                        message=f"`until block {last}` must be a later block than {d}, at most {n - 1}",
+                        span=stmt.until.span,
+                        help=f"valid range: {d + 1}..{n - 1}",
+                    )
+                )
+        for i, blk in enumerate(blocks):
+            bpath = f"{path}.{i}"
+            info = ctx.analysis.modules.get(bpath)
+            tokens = (
+                info.input_shapes[0][1]
+                if info is not None and info.input_shapes and len(info.input_shapes[0]) == 3
+                else None
+            )
+            flops = info.flops if info is not None else 0
+            params = sum(p.numel() for p in blk.parameters())
+            reduced = d < i <= last
+            kept = 1 + keep_count(tokens, ratio) if tokens else None
+            shape = f"{tokens} tokens" if tokens else "tokens: unknown"
+            if reduced:
+                shape += f" → {kept}" if kept is not None else f" → 1+⌈{1 - ratio:g}·(N−1)⌉"
+            plan.rows.append(
+                PlanRow(
+                    path=bpath,
+                    type=type(blk).__name__,
+                    shape=shape,
+                    action="skip tokens" if reduced else "skip",
+                    params_before=params,
+                    params_after=params,
+                    flops_before=flops,
+                    flops_after=flops * kept // tokens if reduced and tokens and kept else flops,
+                    detail={"block": i, "tokens": tokens, "kept": kept if reduced else tokens},
+                    note=("scores tokens by CLS attention" if i == d else ""),
+                )
+            )
+        plan.data.update(
+            {
+                "path": path,
+                "ratio": ratio,
+                "after": d,
+                "until": stmt.until.value if stmt.until else None,
+            }
+        )
+        plan.notes.append(f"blocks {d + 1}..{last} see CLS + {1 - ratio:.0%} of the other tokens")
+        return plan
+
+    def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
+        path: str = plan.data["path"]
+        blocks = get_module(model, path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise PassError(
+                Diagnostic(
+                    code="S0410",
+                    message=f"`{path}` is no longer a list of blocks",
+                    span=self.statement.span,
+                    help="an earlier statement changed the blocks; reorder the recipe",
+                )
+            )
+        wrapper = TokenSkipLayers(plan.data["ratio"], plan.data["after"], plan.data["until"])
+        wrapper.inner = blocks
+        set_module(model, path, wrapper)
+        return [self.change(path, "skip tokens", **wrapper.spec())]

@@ -1,0 +1,208 @@
+"""`drop attention|mlp N`: identity at 0, residual pass-through per architecture, scores, reload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
+
+from surgery.graph import analyze
+from surgery.inputs import Inputs
+from surgery.modules.identity import IdentitySublayer
+from surgery.modules.registry import build
+from surgery.parse import parse
+from surgery.passes.base import PassContext, PassError
+from surgery.passes.drop import DropPass
+from surgery.transformer_arch import get_module, set_module
+
+IDS = torch.randint(1, 60, (2, 8), generator=torch.Generator().manual_seed(1))
+MASK = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def bert() -> BertModel:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=60,
+    )
+    return BertModel(cfg).double().eval()
+
+
+def gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        vocab_size=60,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).double().eval()
+
+
+def vit() -> ViTModel:
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+    )
+    return ViTModel(cfg).double().eval()
+
+
+def inputs_for(model: nn.Module) -> Inputs:
+    if isinstance(model, ViTModel):
+        return Inputs((), {"pixel_values": PIXELS})
+    if isinstance(model, BertModel):
+        return Inputs((), {"input_ids": IDS, "attention_mask": MASK})
+    return Inputs((), {"input_ids": IDS})
+
+
+def drop(model: nn.Module, text: str, calibration: list[Inputs] | None = None) -> tuple:
+    ex = inputs_for(model)
+    ctx = PassContext(
+        analysis=analyze(model, ex, trace=False), example=ex, calibration=calibration or []
+    )
+    p = DropPass(parse(text).statements[0], ctx)
+    plan = p.plan(model)
+    return plan, p.apply(model, plan)
+
+
+def out(model: nn.Module) -> torch.Tensor:
+    return inputs_for(model).call(model)[0]
+
+
+@pytest.mark.parametrize("factory", [bert, gpt2, vit])
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_dropping_zero_is_identical(factory, kind: str) -> None:
+    model = factory()
+    ref = out(model)
+    plan, changes = drop(model, f"drop {kind} 0")
+    assert changes == [] and len(plan.rows) == 3 and not plan.changed_rows
+    assert torch.equal(out(model), ref)
+
+
+@pytest.mark.parametrize("factory", [bert, gpt2, vit])
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_least_important_sublayers_are_dropped(factory, kind: str) -> None:
+    model = factory()
+    plan, changes = drop(model, f"drop {kind} 2")
+    scores = [r.detail["importance"] for r in plan.rows]
+    dropped = [r.detail["importance"] for r in plan.changed_rows]
+    assert len(dropped) == 2 and max(dropped) <= min(s for s in scores if s not in dropped)
+    assert all(0.0 <= s <= 2.0 for s in scores)
+    assert {c.path for c in changes} == {p for r in plan.changed_rows for p in r.detail["replaces"]}
+    assert all(isinstance(get_module(model, c.path), IdentitySublayer) for c in changes)
+    assert torch.isfinite(out(model)).all()
+
+
+def test_post_ln_bert_attention_becomes_identity_on_hidden_states() -> None:
+    model = bert()
+    plan, _ = drop(model, "drop attention 1")
+    block = int(plan.changed_rows[0].detail["block"])
+    layer = model.encoder.layer[block]
+    seen: dict[str, torch.Tensor] = {}
+    layer.register_forward_pre_hook(lambda _m, a: seen.__setitem__("in", a[0]))
+    layer.intermediate.register_forward_pre_hook(lambda _m, a: seen.__setitem__("ffn_in", a[0]))
+    out(model)
+    assert torch.equal(seen["in"], seen["ffn_in"])
+
+
+def test_post_ln_bert_mlp_drop_passes_attention_output_through() -> None:
+    model = bert()
+    plan, _ = drop(model, "drop mlp 1")
+    layer = model.encoder.layer[int(plan.changed_rows[0].detail["block"])]
+    seen: dict[str, torch.Tensor] = {}
+    layer.attention.register_forward_hook(lambda _m, _a, o: seen.__setitem__("att", o[0]))
+    layer.register_forward_hook(lambda _m, _a, o: seen.__setitem__("out", o))
+    out(model)
+    assert torch.equal(seen["att"], seen["out"])
+
+
+def test_pre_ln_gpt2_dropped_attention_adds_zero_to_residual() -> None:
+    model = gpt2()
+    plan, _ = drop(model, "drop attention 1")
+    block = model.transformer.h[int(plan.changed_rows[0].detail["block"])]
+    seen: dict[str, torch.Tensor] = {}
+    block.register_forward_pre_hook(lambda _m, a: seen.__setitem__("in", a[0]))
+    block.register_forward_hook(lambda _m, _a, o: seen.__setitem__("out", o))
+    out(model)
+    x = seen["in"]
+    expected = x + block.mlp(block.ln_2(x))
+    torch.testing.assert_close(seen["out"], expected, rtol=0, atol=0)
+
+
+def test_calibration_batches_are_used() -> None:
+    model = bert()
+    other = Inputs(
+        (), {"input_ids": torch.randint(1, 60, (3, 5), generator=torch.Generator().manual_seed(7))}
+    )
+    plan_a, _ = drop(copy.deepcopy(model), "drop attention 1")
+    plan_b, _ = drop(copy.deepcopy(model), "drop attention 1", calibration=[other])
+    assert [r.detail["importance"] for r in plan_a.rows] != [
+        r.detail["importance"] for r in plan_b.rows
+    ]
+
+
+def test_gpt2_generate_after_dropping_attention() -> None:
+    model = gpt2()
+    drop(model, "drop attention 1 by similarity")
+    prompt = IDS[:, :3]
+    a = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+    b = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert a.shape == (2, 8) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "text,code,field",
+    [
+        ("drop attention 4", "S0330", "count"),
+        ("drop mlp 9", "S0330", "count"),
+        ("drop attention 1 by magnitude", "S0332", "by"),
+    ],
+)
+def test_invalid_drop_statements(text: str, code: str, field: str) -> None:
+    model = bert()
+    stmt = parse(text).statements[0]
+    p = DropPass(stmt)
+    p.ensure_context(model)
+    with pytest.raises(PassError) as err:
+        p.plan(model)
+    assert err.value.diagnostic.code == code
+    assert err.value.diagnostic.span == getattr(stmt, field).span
+    if code == "S0330":
+        assert "0..3" in (err.value.diagnostic.help or "")
+
+
+def test_dropping_more_after_a_drop_only_counts_remaining() -> None:
+    model = bert()
+    drop(model, "drop attention 2")
+    plan, changes = drop(model, "drop attention 1")
+    assert len(plan.rows) == 1 and len(changes) == 1
+
+
+@pytest.mark.parametrize(
+    "factory,kind", [(bert, "attention"), (bert, "mlp"), (gpt2, "attention"), (vit, "mlp")]
+)
+def test_save_reload_identity(factory, kind: str) -> None:
+    model = factory()
+    _, changes = drop(model, f"drop {kind} 1")
+    ref = out(model)
+    rebuilt = factory()
+    for c in changes:
+        m = get_module(model, c.path)
+        set_module(rebuilt, c.path, build(m.registry_name(), m.spec()))
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(out(rebuilt), ref)
