@@ -168,27 +168,19 @@ class _Checker:
         value: str | None = None,
         shown: str | None = None,
     ) -> None:
+        """Report ``option`` (written as ``shown``) if this build does not implement it."""
         if node is None or verb not in self.table.options:
             return
         options = self.table.options[verb]
         label = shown or option
+        what = f"`{label}`" if label.startswith(verb) else f"`{label}` in `{verb}`"
         if option not in options:
-            self.error(
-                "S0209",
-                f"option `{label}` of `{verb}` is not implemented yet",
-                node,
-                f"remove `{label}`",
-            )
+            self.error("S0209", f"{what} is not implemented yet", node, f"remove `{label}`")
             return
         allowed = options[option]
         if allowed is not None and value is not None and value not in allowed:
             choices = ", ".join(f"`{a}`" for a in sorted(allowed))
-            self.error(
-                "S0209",
-                f"`{label} {value}` of `{verb}` is not implemented yet",
-                node,
-                f"implemented: {choices}",
-            )
+            self.error("S0209", f"{what} is not implemented yet", node, f"implemented: {choices}")
 
     def selector(self, verb: str, sel: ast.Selector) -> None:
         valid = LANGUAGE.get(verb, {}).get("type", ())
@@ -241,11 +233,12 @@ class _Checker:
                 self.name_in(s.device, BACKENDS[s.backend.value], f"device for `{s.backend.value}`")
             self.positive(s.trials, "`trials`")
             if self.implemented(verb, s):
-                self.option_implemented(verb, "backend", s.backend, s.backend.value, "target")
+                self.option_implemented(
+                    verb, "backend", s.backend, s.backend.value, f"target {s.backend.value}"
+                )
                 if s.device is not None:
-                    self.option_implemented(
-                        verb, "device", s.device, f"{s.backend.value} {s.device.value}", "target"
-                    )
+                    pair = f"{s.backend.value} {s.device.value}"
+                    self.option_implemented(verb, "device", s.device, pair, f"target {pair}")
                 self.option_implemented(verb, "trials", s.trials)
             return
         if isinstance(s, ast.Calibrate):
@@ -287,15 +280,13 @@ class _Checker:
                 )
             if ok:
                 if s.rank is not None:
-                    self.option_implemented(
-                        verb,
-                        "rank",
-                        s.rank,
-                        s.rank.kind,
-                        "rank = energy" if s.rank.kind == "energy" else "rank",
-                    )
+                    from surgery.fmt import _rank
+
+                    self.option_implemented(verb, "rank", s.rank, s.rank.kind, _rank(s.rank))
                 if s.method is not None:
-                    self.option_implemented(verb, "method", s.method, s.method.value)
+                    self.option_implemented(
+                        verb, "method", s.method, s.method.value, f"method {s.method.value}"
+                    )
                 self.option_implemented(verb, "round", s.round)
                 self.option_implemented(verb, "progressive", s.progressive)
                 self.option_implemented(
@@ -331,7 +322,7 @@ class _Checker:
             if s.rank is not None:
                 self.rank(s.rank)
             if ok:
-                self.option_implemented(verb, "mode", s.mode, s.mode.value)
+                self.option_implemented(verb, "mode", s.mode, s.mode.value, s.mode.value)
                 self.option_implemented(
                     verb, "combine", s.combine, s.combine.value if s.combine else None
                 )
@@ -387,7 +378,9 @@ class _Checker:
         elif isinstance(s, ast.Freeze):
             self.name_in(s.what, language["what"], "factor to freeze")
             if ok:
-                self.option_implemented(verb, "what", s.what, s.what.value)
+                self.option_implemented(
+                    verb, "what", s.what, s.what.value, f"freeze {s.what.value}"
+                )
         elif isinstance(s, ast.Heal):
             self.positive(s.steps, "`steps`")
             if s.lr is not None and s.lr.magnitude <= 0:
@@ -450,9 +443,9 @@ class _Checker:
             if metric != "speedup":
                 self.error("S0204", f"`on {s.on.value}` only applies to `expect speedup`", s.on)
         if self.implemented("expect", s):
-            self.option_implemented("expect", "metric", s.metric, metric, "expect")
+            self.option_implemented("expect", "metric", s.metric, metric, f"expect {metric}")
             if s.on is not None:
-                self.option_implemented("expect", "on", s.on, s.on.value, "expect speedup on")
+                self.option_implemented("expect", "on", s.on, s.on.value, f"on {s.on.value}")
 
     def recipe(self, recipe: ast.Recipe) -> None:
         seen_calibrate: ast.Calibrate | None = None
