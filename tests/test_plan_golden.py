@@ -1,0 +1,74 @@
+"""Golden plans: a recipe on a Hugging Face architecture built from a config → its plan.
+
+The golden is the JSON plan (`surgery plan --format json`) without the measured parts
+(drift, timing), with floats rounded so they are stable. Regenerate with
+``pytest --update-golden``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torch import nn
+
+from surgery.manager import Manager
+from surgery.parse import parse
+from surgery.report import plan_dict
+from tests.helpers_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+
+GOLDEN = Path(__file__).parent / "plans"
+
+CASES: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "bert": (
+        tiny_bert,
+        'decompose Linear where name ~ "encoder.*" and out_features >= 64 rank = 0.25\n'
+        "group kv = 1\n",
+    ),
+    "gpt2": (tiny_gpt2, "decompose Linear rank = 0.25\ngroup kv = 1\ntruncate blocks keep 1 uniform\n"),
+    "vit": (
+        tiny_vit,
+        "skip tokens 50% after block 0\n"
+        'decompose Linear where name ~ "*.intermediate.dense" rank = 0.25\n',
+    ),
+    "llama": (
+        tiny_llama,
+        'decompose Linear where name ~ "*.mlp.*" rank = 0.25\ngroup kv = 1\n',
+    ),
+}
+
+
+def _stable(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def golden_plan(build: Callable[[], nn.Module], recipe: str) -> str:
+    run = Manager(parse(recipe), build()).run(measure=False)
+    plan = plan_dict(run, recipe="recipe.surg", model=build.__name__)
+    for key in ("drift", "speed", "warnings"):
+        plan.pop(key)
+    for step in plan["steps"]:
+        step.pop("drift")
+        step.pop("seconds")
+    return json.dumps(_stable(plan), indent=2, sort_keys=True) + "\n"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_plan_matches_golden(name: str, request: pytest.FixtureRequest) -> None:
+    build, recipe = CASES[name]
+    got = golden_plan(build, recipe)
+    path = GOLDEN / f"{name}.json"
+    if request.config.getoption("--update-golden", default=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(got)
+    assert path.is_file(), f"missing golden {path}: run pytest --update-golden"
+    assert got == path.read_text()
