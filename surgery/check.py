@@ -95,7 +95,10 @@ class _Checker:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def name_in(self, node: ast.Name | None, valid: Iterable[str], what: str) -> bool:
+    def name_in(
+        self, node: ast.Name | None, valid: Iterable[str], what: str, where: str | None = None
+    ) -> bool:
+        """Report ``node`` (a `what` [for `where`]) unless it is one of ``valid``."""
         if node is None:
             return True
         valid = tuple(valid)
@@ -103,13 +106,23 @@ class _Checker:
             return True
         guess = nearest(node.value, valid)
         listed = ", ".join(f"`{v}`" for v in valid)
+        context = f" for `{where}`" if where else ""
         self.error(
             "S0201",
-            f"unknown {what} `{node.value}`",
+            f"unknown {what} `{node.value}`{context}",
             node,
             f"did you mean `{guess}`?" if guess else f"expected one of {listed}",
         )
         return False
+
+    def index(self, node: ast.Int | None, what: str) -> None:
+        if node is not None and node.value < 0:
+            self.error(
+                "S0203",
+                f"{what} must be 0 or more, found {node.value}",
+                node,
+                "blocks are numbered from 0",
+            )
 
     def positive(self, node: ast.Int | None, what: str, help: str | None = None) -> None:
         if node is not None and node.value <= 0:
@@ -184,7 +197,7 @@ class _Checker:
 
     def selector(self, verb: str, sel: ast.Selector) -> None:
         valid = LANGUAGE.get(verb, {}).get("type", ())
-        if sel.type is not None and self.name_in(sel.type, valid, f"module type for `{verb}`"):
+        if sel.type is not None and self.name_in(sel.type, valid, "module type", verb):
             implemented = self.table.types.get(verb)
             if (
                 implemented is not None
@@ -230,7 +243,7 @@ class _Checker:
         language = LANGUAGE.get(verb, {})
         if isinstance(s, ast.Target):
             if self.name_in(s.backend, BACKENDS, "backend") and s.device is not None:
-                self.name_in(s.device, BACKENDS[s.backend.value], f"device for `{s.backend.value}`")
+                self.name_in(s.device, BACKENDS[s.backend.value], "device", s.backend.value)
             self.positive(s.trials, "`trials`")
             if self.implemented(verb, s):
                 self.option_implemented(
@@ -300,6 +313,8 @@ class _Checker:
                 self.option_implemented(verb, "q", s.q)
         elif isinstance(s, ast.SkipTokens):
             self.fraction(s.ratio, "the share of skipped tokens", allow_zero=True, allow_one=False)
+            self.index(s.after, "a block index")
+            self.index(s.until, "a block index")
             if s.until is not None and s.until.value <= s.after.value:
                 self.error(
                     "S0204",
@@ -358,13 +373,15 @@ class _Checker:
             if ok:
                 self.option_implemented(verb, "every", s.every)
         elif isinstance(s, ast.Drop):
-            if s.count.value < 0:  # pragma: no cover - the grammar has no negative numbers
+            if s.count.value < 0:
                 self.error("S0203", "cannot drop a negative number of sublayers", s.count)
             self.name_in(s.by, language["by"], "importance score")
         elif isinstance(s, ast.Truncate):
             self.positive(s.keep, "`keep`")
             self.name_in(s.strategy, language["strategy"], "truncation strategy")
             if s.indices is not None:
+                for i in s.indices:
+                    self.index(i, "a block index")
                 values = [i.value for i in s.indices]
                 if len(values) != s.keep.value:
                     self.error(

@@ -98,8 +98,9 @@ def nearest(word: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | 
 
 
 def _line_text(source: str, line: int) -> str:
-    lines = source.splitlines() or [""]
-    return lines[line - 1] if 0 < line <= len(lines) else ""
+    # Spans count lines by "\n" only; str.splitlines would also break at U+2028 and friends.
+    lines = source.split("\n")
+    return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
 
 
 def render(diag: Diagnostic, source: str | None, filename: str) -> str:
@@ -116,7 +117,9 @@ def render(diag: Diagnostic, source: str | None, filename: str) -> str:
         # A span over several lines is underlined to the end of its first line.
         stop = span.end_col if span.end_line == span.line else len(text) + 1
         width = max(1, stop - span.col)
-        caret_line = " " * (span.col - 1) + "^" * width
+        # Keep the source's tabs in the padding so the caret lines up in a terminal.
+        pad = "".join(c if c == "\t" else " " for c in text[: span.col - 1])
+        caret_line = pad + "^" * width
         labels = [label for s, label in diag.labels if s.line == span.line]
         out.append(f"{gutter} |")
         out.append(f"{span.line} | {text}".rstrip())

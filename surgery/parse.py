@@ -425,7 +425,7 @@ class _Build(Transformer[Token, Any]):
 
 # --- syntax errors -> diagnostics ------------------------------------------------------
 
-_WORD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*|[0-9][0-9A-Za-z.%+-]*|\S")
+_WORD_RE = re.compile(r"[^\W\d]\w*(?:-\w+)*|-?[0-9][0-9A-Za-z.%+-]*|\S")
 
 
 def _describe_expected(expected: set[str]) -> tuple[list[str], list[str]]:
@@ -443,7 +443,7 @@ def _describe_expected(expected: set[str]) -> tuple[list[str], list[str]]:
 
 def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) -> Diagnostic:
     text = source[start:end]
-    verb_match = re.match(r"\s*([A-Za-z_][A-Za-z0-9_-]*)", text)
+    verb_match = re.match(r"\s*([^\W\d][\w-]*)", text)
     verb = verb_match.group(1) if verb_match else ""
     first_word_pos = start + (verb_match.start(1) if verb_match else 0)
 
@@ -461,6 +461,13 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) 
     else:  # pragma: no cover - lark raises only the three above
         pos = start
         expected = set()
+
+    # What the parser accepts after the text before the error is exact; the lexer's own
+    # list (UnexpectedCharacters) mixes in terminals of other statements.
+    accepted = _accepts(source[start:pos])
+    if accepted is not None:
+        expected = accepted
+    complete = "$END" in expected
 
     # Trailing whitespace/comments are not "the end": point just after the last token.
     last = start + len(re.sub(r"(\s|#[^\n]*)*$", "", text))
@@ -506,9 +513,19 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) 
             if source.count('"', pos, end) % 2
             else f"expected {_one_of([f'`{k}`' for k in keywords] + values)}",
         )
-    is_word = bool(re.match(r"[A-Za-z_]", word))
-    if is_word and keywords:
-        guess = nearest(word, keywords)
+    is_word = bool(re.match(r"[^\W\d]", word))
+    guess = nearest(word, keywords) if is_word and keywords else None
+    if complete and guess is None:
+        options = [f"`{k}`" for k in keywords]
+        return Diagnostic(
+            code="S0103",
+            message=f"unexpected `{word}` after a complete `{verb}` statement",
+            span=span,
+            help="separate statements with a newline or `;`",
+            notes=(f"`{verb}` can continue with {_one_of(options)}",) if options else (),
+        )
+    all_keywords = {k for words in _terminal_literals().values() for k in words}
+    if is_word and keywords and (guess is not None or word not in all_keywords):
         listed = _one_of([f"`{k}`" for k in keywords] + values)
         return Diagnostic(
             code="S0102",
@@ -518,19 +535,22 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) 
             notes=(f"expected {listed}",) if guess else (),
         )
     wanted = [f"`{k}`" for k in keywords] + values
-    if "the end of the statement" in wanted and len(wanted) == 1:
-        return Diagnostic(
-            code="S0103",
-            message=f"unexpected `{word}` after a complete `{verb}` statement",
-            span=span,
-            help="separate statements with a newline or `;`",
-        )
     return Diagnostic(
         code="S0103",
         message=f"expected {_one_of(wanted)}, found `{word}`",
         span=span,
         help=None,
     )
+
+
+def _accepts(prefix: str) -> set[str] | None:
+    """Terminals the statement parser accepts after ``prefix`` (None if it cannot tell)."""
+    try:
+        interactive = parser().parse_interactive(prefix, start="statement")
+        interactive.exhaust_lexer()
+        return set(interactive.accepts())
+    except UnexpectedInput:
+        return None
 
 
 def _one_of(items: list[str]) -> str:
