@@ -28,7 +28,11 @@ def format_number(number: ast.Number) -> str:
 def _num(value: float) -> str:
     if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
         return str(int(value))
-    return repr(value)
+    text = repr(value)
+    if "e" in text:  # `1e-05` → `1e-5`
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
 
 
 def _str(s: ast.Str) -> str:
