@@ -46,6 +46,7 @@ __all__ = [
     "pick_rank_below_cliff",
     "rank_for_energy",
     "rank_from_fraction",
+    "refactor_pair",
     "round_rank",
     "svd_factors",
     "svd_llm_factors",
@@ -234,6 +235,69 @@ def svd_llm_factors(W: Tensor, xtx: Tensor, rank: int) -> Factors:
     return Factors(
         left=left.to(W.dtype),
         right=right.to(W.dtype),
+        singular_values=S,
+        rank=rank,
+        energy=_energy(S, rank),
+    )
+
+
+def refactor_pair(
+    first: Tensor, second: Tensor, rank: int, input_gram: Tensor | None = None
+) -> Factors:
+    """Re-factor the product ``second @ first`` at a lower ``rank`` (one PLRD step).
+
+    ``first`` is ``[r, in]`` and ``second`` is ``[out, r]`` (a ``LowRankLinear``). The
+    second factor is re-factored, ``second ≈ A·B`` with ``A [out, rank]``, ``B [rank, r]``,
+    and ``B`` is folded into the first factor, so the pair stays two layers:
+    ``left = A`` and ``right = B @ first`` (``[rank, in]``).
+
+    ``A·B`` is chosen to minimise ``‖(second − A·B)·first·S‖_F`` where ``S Sᵀ = M`` is the
+    metric on the layer's *input* space given by ``input_gram``:
+
+    * ``None``: ``M = I``, so the new product is exactly the best rank-``rank`` approximation
+      of ``second @ first`` (plain SVD of the product; the PLRD truncation identity);
+    * a vector ``[in]``: ``M = diag(v)`` (ASVD: pass ``s²`` with ``s = mean|x|^α``);
+    * a matrix ``[in, in]``: ``M = XᵀX`` (SVD-LLM: minimises the output error on the
+      calibration rows, where dropping singular value ``i`` costs ``σ_i²``).
+
+    It is a whitened SVD of ``second`` with the Gram ``G = first·M·firstᵀ`` (``[r, r]``) of
+    the second factor's inputs, ``G = L Lᵀ``: ``second·L = U Σ Vᵀ``, ``left = U_k √Σ_k``,
+    ``right = √Σ_k V_kᵀ L⁻¹ first``. Because ``L⁻¹·first`` has orthonormal rows under ``M``,
+    ``singular_values`` are those of ``second·first·S``. Costs ``O(r·in²)`` for a Gram
+    matrix and ``O(out·r²)`` for the SVD, never an ``[out, in]`` SVD.
+
+    >>> W = torch.randn(6, 5, dtype=torch.float64)
+    >>> full = svd_factors(W, rank=5)
+    >>> f = refactor_pair(full.right, full.left, rank=2)
+    >>> best = svd_factors(W, rank=2)
+    >>> bool(torch.allclose(f.left @ f.right, best.left @ best.right))
+    True
+    """
+    r = first.shape[0]
+    out_f, r2 = second.shape
+    if r != r2:
+        raise ValueError(
+            f"factor shapes do not chain: first {list(first.shape)}, second {list(second.shape)}"
+        )
+    _check_rank(rank, out_f, r)
+    w0 = first.detach().to(torch.float64)  # [r, in]
+    w1 = second.detach().to(torch.float64)  # [out, r]
+    if input_gram is None:
+        gram = w0 @ w0.T  # [r, r]
+    elif input_gram.dim() == 1:
+        gram = (w0 * input_gram.detach().to(torch.float64)) @ w0.T  # [r, r]
+    else:
+        gram = w0 @ input_gram.detach().to(torch.float64) @ w0.T  # [r, r]
+    gram = (gram + gram.T) / 2
+    L = _cholesky_with_jitter(gram)  # [r, r], lower
+    U, S, Vh = _svd(w1 @ L)  # [out, k], [k], [k, r]
+    root = S[:rank].sqrt()  # [rank]
+    left = U[:, :rank] * root  # [out, rank]
+    b = torch.linalg.solve_triangular(L, root[:, None] * Vh[:rank], upper=False, left=False)
+    right = b @ w0  # [rank, in]
+    return Factors(
+        left=left.to(second.dtype),
+        right=right.to(first.dtype),
         singular_values=S,
         rank=rank,
         energy=_energy(S, rank),

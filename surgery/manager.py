@@ -40,6 +40,7 @@ from torch import nn
 from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.facts import Analysis
+from surgery.heal import HEAL_SUPPORT
 from surgery.inputs import InputError, Inputs, calibration_inputs, example_inputs, flatten_outputs
 from surgery.load import LoadedModel
 from surgery.passes import (
@@ -62,6 +63,8 @@ MANAGER_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] =
     "calibrate": ({"samples": None, "batch": None}, ()),
     "target": ({"backend": {"torch"}, "device": {"torch cpu"}}, ()),
     "expect": ({"metric": {"params", "flops", "drift", "speedup"}, "on": {"torch"}}, ()),
+    "regularize": ({"every": None}, ()),
+    **HEAL_SUPPORT,
 }
 
 Progress = Callable[[str, int, int], None]
@@ -269,25 +272,34 @@ class Manager:
         state = _State(model=model, analysis=before)
         statements = list(self.recipe.statements)
         work = [s for s in statements if s.verb in PASSES or s.verb == "heal"]
+        # A family's last member is saved after the heal statement that follows it, if any.
+        pending_member: int | None = None
         for index, stmt in enumerate(work):
             self._emit(f"line {stmt.span.line}: {stmt.verb}", index, len(work))
             if stmt.verb == "heal":
                 self._heal(stmt, state, run, example, calibration, original)
+                if pending_member is not None:
+                    self._add_member(run, pending_member, state.model, example, reference)
+                    pending_member = None
                 continue
-            later_heal = next(
-                (s for s in statements[statements.index(stmt) + 1 :] if s.verb == "heal"), None
-            )
-            surgery_pass = pass_for(stmt, None)
-            members = surgery_pass.family_steps()
+            later = statements[statements.index(stmt) + 1 :]
+            later_heal = next((s for s in later if s.verb == "heal"), None)
+            heal_next = index + 1 < len(work) and work[index + 1].verb == "heal"
+            members = pass_for(stmt, None).family_steps()
             for member in range(1, members + 1):
                 surgery_pass = pass_for(stmt, self._context(state, example, calibration, original))
                 surgery_pass.family_step = member
                 self._run_pass(surgery_pass, state, run, example, reference, ref_shapes)
-                if members > 1:
-                    if later_heal is not None and member < members:
+                if members == 1:
+                    continue
+                if member < members:
+                    if later_heal is not None:
                         self._heal(later_heal, state, run, example, calibration, original)
-                    member_drift = drift([reference], [example.call(state.model)])
-                    run.family.append((member, copy.deepcopy(state.model), member_drift))
+                    self._add_member(run, member, state.model, example, reference)
+                elif heal_next:
+                    pending_member = member
+                else:
+                    self._add_member(run, member, state.model, example, reference)
         model = state.model
         analysis = state.analysis
         self._emit("passes done", len(work), len(work))
@@ -318,6 +330,13 @@ class Manager:
             self._contract(s, run) for s in self.recipe.statements if isinstance(s, ast.Expect)
         ]
         return run
+
+    @staticmethod
+    def _add_member(
+        run: Run, member: int, model: nn.Module, example: Inputs, reference: Any
+    ) -> None:
+        """Keep a copy of one member of a progressive family, with its drift."""
+        run.family.append((member, copy.deepcopy(model), drift([reference], [example.call(model)])))
 
     def _context(
         self, state: _State, example: Inputs, calibration: list[Inputs], original: nn.Module

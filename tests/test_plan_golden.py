@@ -28,7 +28,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str]] = {
         'decompose Linear where name ~ "encoder.*" and out_features >= 64 rank = 0.25\n'
         "group kv = 1\n",
     ),
-    "gpt2": (tiny_gpt2, "decompose Linear rank = 0.25\ngroup kv = 1\ntruncate blocks keep 1 uniform\n"),
+    "gpt2": (
+        tiny_gpt2,
+        'decompose Conv1D where name ~ "*.mlp.*" rank = 0.25\ngroup kv = 1\n'
+        "truncate blocks keep 1 uniform\n",
+    ),
     "vit": (
         tiny_vit,
         "skip tokens 50% after block 0\n"

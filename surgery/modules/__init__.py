@@ -21,6 +21,7 @@ from __future__ import annotations
 from surgery.modules.attention import GroupedAttention
 from surgery.modules.conv3d import Conv2Plus1d, Conv3dAs2d
 from surgery.modules.identity import IdentitySublayer
+from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.lowrank_linear import LowRankLinear
 from surgery.modules.registry import SurgeryModule, build, register_module, registered
 from surgery.modules.sparse import DenseSparseLinear, SparseLinear
@@ -33,6 +34,7 @@ __all__ = [
     "DenseSparseLinear",
     "GroupedAttention",
     "IdentitySublayer",
+    "LowRankConv2d",
     "LowRankLinear",
     "SparseLinear",
     "SurgeryModule",

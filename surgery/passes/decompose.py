@@ -1,13 +1,58 @@
-"""`decompose`: replace matched `Linear` layers by low-rank `LowRankLinear` pairs.
+"""`decompose`: replace matched layers by low-rank factorizations.
 
-``decompose Linear where params > 100K rank = 0.25`` factors each matched ``Linear(in→out)``
-by truncated SVD, ``W ≈ (U_r √Σ_r)(√Σ_r V_rᵀ)``, into ``Linear(in→r)`` then ``Linear(r→out)``
-(see :class:`~surgery.modules.LowRankLinear`). The rank is a fraction of the full rank
-``min(in, out)`` (``0.25``, ``25%``) or an absolute number (``128``).
+``decompose SELECTOR (rank = R | budget params|flops P) [method M] [round N] [progressive K steps]``
 
-A layer is left alone, and the plan says why, when its factorization would not have fewer
-parameters (``r·(in+out) ≥ in·out``), when its weight is shared with another module (tied
-embeddings), or when the model never calls it as a module (its weight is read directly).
+**Layers.** ``Linear(in→out)`` and Hugging Face ``Conv1D`` (GPT-2's transposed linear,
+weight ``[in, out]``) become a :class:`~surgery.modules.LowRankLinear` pair
+``Linear(in→r)`` then ``Linear(r→out)``; a 1×1 ``Conv2d`` becomes a
+:class:`~surgery.modules.lowrank_conv.LowRankConv2d` pair (the same SVD split, per pixel);
+a ``k×k`` ``Conv2d`` becomes a Tucker-2 :class:`~surgery.modules.tucker_conv.TuckerConv2d`
+(``1×1 C→r_in``, ``k×k r_in→r_out``, ``1×1 r_out→S``; dilation, stride and padding stay on the
+core). Grouped convolutions are skipped (a factor would mix channels across groups).
+
+**Methods** (``method M``; the default is ``svd`` for matrices and ``tucker`` for ``k×k``):
+
+* ``svd``: truncated SVD of ``W`` with the √Σ split.
+* ``asvd`` (arXiv 2312.05821): SVD of ``W·diag(s)``, ``s = mean|x|^0.5`` per input channel
+  over the calibration inputs, ``1/s`` folded back into the first factor.
+* ``svd-llm`` (arXiv 2403.07378): SVD of ``W·L`` with ``L = cholesky(XᵀX)`` (``XᵀX``
+  accumulated in float64); truncating singular value ``i`` costs exactly ``σ_i²`` of squared
+  output error on the calibration rows.
+* ``tucker``: HOSVD Tucker-2 of a ``k×k`` convolution (1×1 convolutions use ``svd``).
+
+The statistics of all selected layers are collected in *one* pass over the calibration
+batches with forward pre-hooks; rows at padded positions (``attention_mask == 0`` of a batch
+whose hooked input is ``[B, T, in]``) are left out, the model's outputs there mean nothing.
+
+**Ranks.** ``rank = 0.25`` (fraction of ``min(in, out)``), ``rank = 128`` (absolute),
+``rank = energy 0.9`` (smallest rank keeping ≥ 90% of the data-aware ``Σσ²``), or a global
+``budget params|flops P`` over all matched matrix layers (:func:`~surgery.lowrank.allocate_budget`
+on their data-aware spectra; FLOP budgets weight each layer by its tokens per forward, from the
+analysed input shapes; ``k×k`` convolutions are skipped under a budget). For Tucker layers a
+fraction or an absolute rank applies to the output and input channels separately, and an
+energy threshold to each mode unfolding's spectrum. ``round N`` rounds ranks to multiples of
+``N`` (:func:`~surgery.lowrank.round_rank`, never above the break-even rank).
+
+**Never larger.** A layer whose factorization would not have strictly fewer parameters *and*
+FLOPs than the layer is skipped, and the plan says why; so are tied weights, layers the model
+never calls, factors of an earlier decomposition and layers the calibration never reaches.
+
+**Progressive** (``progressive K steps``, PLRD arXiv 2406.19995): the statement builds a family
+of ``K`` members. Step 1 decomposes each layer at ``r_1``; step ``k > 1`` re-factors the second
+factor of each pair made by step 1 (``second ≈ A·B``) and folds ``B`` into the first factor
+(:func:`~surgery.lowrank.refactor_pair`), so every original layer stays two layers. The schedule
+is geometric from the layer's break-even rank ``r_0`` (the largest rank that still saves
+parameters) to the requested rank ``r_K``: ``r_k = round(r_0·(r_K/r_0)^(k/K))``, non-increasing,
+``r_K`` exactly at step K (rounded to ``round N`` when given). It is decided at step 1 and
+kept on each pair (attribute ``surgery_progressive``), so energy thresholds and budgets are
+resolved once on the original spectra. With ``method svd`` and no healing in between, the
+product of the pair at step ``k`` is exactly the rank-``r_k`` truncation of the product at
+step ``k − 1``; data-aware methods truncate in the calibration metric instead.
+
+Plan rows carry ``method``, ``rank`` and ``energy`` (the fraction of the — data-aware — ``Σσ²``
+kept); progressive rows add ``step`` (``k/K``), ``target`` (``r_K``), ``member_params`` (the
+model's parameters after this member) and, once applied, ``member_drift`` (relative output
+error of the member against the original model on the example inputs, before healing).
 
 >>> import torch
 >>> from surgery.parse import parse
@@ -15,151 +60,854 @@ embeddings), or when the model never calls it as a module (its weight is read di
 >>> p = DecomposePass(parse("decompose Linear rank = 0.25").statements[0])
 >>> plan = p.ensure_context(model) and p.plan(model)
 >>> row = plan.rows[0]
->>> row.detail["rank"], row.params_before, row.params_after
-(64, 65792, 33024)
+>>> row.detail["rank"], row.detail["method"], row.params_before, row.params_after
+(64, 'svd', 65792, 33024)
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.lowrank import (
     Factors,
+    LayerSpectrum,
+    allocate_budget,
+    asvd_factors,
     break_even_rank,
-    dense_params,
-    lowrank_params,
+    rank_for_energy,
     rank_from_fraction,
+    refactor_pair,
+    round_rank,
     svd_factors,
+    svd_llm_factors,
+    tucker2_factors,
 )
 from surgery.modules import LowRankLinear
-from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
-from surgery.select import select
+from surgery.modules.lowrank_conv import LowRankConv2d
+from surgery.modules.tucker_conv import TuckerConv2d
+from surgery.passes.base import Change, PassContext, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.select import select, type_names
 
-__all__ = ["DecomposePass", "lowrank_linear_from"]
+__all__ = [
+    "ASVD_ALPHA",
+    "DecomposePass",
+    "LayerStats",
+    "collect_input_stats",
+    "lowrank_linear_from",
+    "progressive_schedule",
+]
+
+#: ASVD exponent: ``s = mean|x|^α`` (the paper's best α on LLaMA is 0.5).
+ASVD_ALPHA = 0.5
+#: Attribute on a pair made by a progressive statement: its schedule and statement position.
+PROGRESSIVE_ATTR = "surgery_progressive"
+
+Kind = Literal["linear", "conv1d", "conv1x1", "tucker", "pair"]
+_PAIRS = (LowRankLinear, LowRankConv2d)
+_FACTORED = (LowRankLinear, LowRankConv2d, TuckerConv2d)
 
 
-def _linear_like(module: nn.Module) -> bool:
-    """An ``nn.Linear``, or a module standing for one (a `.pt2` program's unflattened Linear)."""
-    weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) or (
-        isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-        and not any(True for _ in module.children())
-    )
+# ---------------------------------------------------------------------------------------------
+# calibration statistics
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer over the calibration rows (float64).
+
+    ``abs_sum`` is ``Σ|x|`` per input channel (``[in]``), ``xtx`` is ``Σ xᵀx`` (``[in, in]``),
+    ``rows`` the number of input rows (tokens, or pixels of a 1×1 convolution) seen.
+    """
+
+    rows: int = 0
+    abs_sum: Tensor | None = None  # [in], float64
+    xtx: Tensor | None = None  # [in, in], float64
+
+    @property
+    def abs_mean(self) -> Tensor:
+        """Mean ``|x|`` per input channel (``[in]``)."""
+        assert self.abs_sum is not None, "collected without abs_mean"
+        return self.abs_sum / max(self.rows, 1)
+
+
+def _rows(module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+    """The input rows ``[N, in]`` a layer multiplies by its weight."""
+    if isinstance(module, nn.Conv2d | LowRankConv2d):  # (B, C, H, W): one row per output pixel
+        sh, sw = module.stride
+        x = x[:, :, ::sh, ::sw]  # a 1×1 conv reads every stride-th pixel; padding adds zeros
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]  # (B, T, in) -> (tokens, in): real tokens only
+    return x.reshape(-1, x.shape[-1])
+
+
+def _attention_mask(batch: Any) -> Tensor | None:
+    mask = getattr(batch, "kwargs", {}).get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask.bool()
+    return None
+
+
+def collect_input_stats(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: list[Any],
+    *,
+    abs_mean: bool = False,
+    gram: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, LayerStats]:
+    """Input statistics of several layers in one pass over ``batches`` (``Inputs`` objects).
+
+    Forward pre-hooks on every module of ``modules`` (path → module) accumulate, in float64,
+    ``Σ|x|`` per channel (``abs_mean``) and ``XᵀX`` (``gram``). A module called several
+    times per forward accumulates every call.
+
+    >>> from surgery.inputs import Inputs
+    >>> lin = nn.Linear(3, 2)
+    >>> x = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]])
+    >>> stats = collect_input_stats(lin, {"": lin}, [Inputs((x,), {})], abs_mean=True, gram=True)
+    >>> stats[""].rows, stats[""].abs_mean.tolist(), stats[""].xtx[0].tolist()
+    (2, [2.0, 1.0, 0.0], [10.0, -2.0, 0.0])
+    """
+    stats = {path: LayerStats() for path in modules}
+    current: dict[str, Tensor | None] = {"mask": None}
+    handles = []
+
+    def hook_for(path: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                return
+            rows = _rows(module, args[0].detach(), current["mask"]).to(torch.float64)  # [N, in]
+            s = stats[path]
+            s.rows += int(rows.shape[0])
+            if abs_mean:
+                a = rows.abs().sum(0)
+                s.abs_sum = a if s.abs_sum is None else s.abs_sum + a
+            if gram:
+                g = rows.T @ rows  # [in, in]
+                s.xtx = g if s.xtx is None else s.xtx + g
+
+        return hook
+
+    for path, module in modules.items():
+        handles.append(module.register_forward_pre_hook(hook_for(path)))
+    try:
+        for i, batch in enumerate(batches):
+            current["mask"] = _attention_mask(batch)
+            batch.call(model)
+            if progress is not None:
+                progress("calibrating", i + 1, len(batches))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def progressive_schedule(start: int, target: int, steps: int, multiple: int = 1) -> list[int]:
+    """Ranks ``r_1 … r_K``: geometric from ``start`` (exclusive) down to ``target`` (inclusive).
+
+    ``r_k = round(start·(target/start)^(k/K))``, rounded to ``multiple`` (never below
+    ``target``), made non-increasing; ``r_K = target``.
+
+    >>> progressive_schedule(383, 96, 3)
+    [241, 152, 96]
+    >>> progressive_schedule(100, 100, 2), progressive_schedule(64, 8, 3, multiple=8)
+    ([100, 100], [32, 16, 8])
+    """
+    ranks: list[int] = []
+    prev = start
+    for k in range(1, steps + 1):
+        r = target if k == steps else round(start * (target / start) ** (k / steps))
+        if multiple > 1 and k < steps:
+            r = max(target, round_rank(r, multiple, max_rank=max(prev, multiple)))
+        r = max(target, min(r, prev))
+        ranks.append(r)
+        prev = r
+    return ranks
 
 
 def lowrank_linear_from(linear: nn.Module, factors: Factors) -> LowRankLinear:
-    """A :class:`LowRankLinear` holding ``factors`` of ``linear.weight`` and its bias."""
-    assert isinstance(linear.weight, torch.Tensor)
-    out_f, in_f = linear.weight.shape  # [out, in]
-    dtype = str(linear.weight.dtype).removeprefix("torch.")
-    module = LowRankLinear(in_f, out_f, factors.rank, bias=getattr(linear, "bias", None) is not None, dtype=dtype)
-    module.to(linear.weight.device)
+    """A :class:`LowRankLinear` holding ``factors`` and the bias of ``linear``.
+
+    ``linear`` is an ``nn.Linear``, an HF ``Conv1D`` (the factors are those of its
+    transposed weight) or a ``LowRankLinear``.
+    """
+    weight = linear.first.weight if isinstance(linear, LowRankLinear) else _weight(linear)
+    bias = _bias(linear)
+    out_f, in_f = factors.left.shape[0], factors.right.shape[1]
+    dtype = str(weight.dtype).removeprefix("torch.")
+    module = LowRankLinear(in_f, out_f, factors.rank, bias=bias is not None, dtype=dtype)
+    module.to(weight.device)
     with torch.no_grad():
         module.first.weight.copy_(factors.right)  # [r, in]
         module.second.weight.copy_(factors.left)  # [out, r]
-        bias = getattr(linear, "bias", None)
         if bias is not None:
             module.second.bias.copy_(bias)
     module.train(linear.training)
     return module
 
 
+def _lowrank_conv_from(conv: nn.Module, factors: Factors) -> LowRankConv2d:
+    """A :class:`LowRankConv2d` from a 1×1 ``Conv2d`` (or a ``LowRankConv2d``) and ``factors``."""
+    src = conv.first if isinstance(conv, LowRankConv2d) else conv
+    assert isinstance(src, nn.Conv2d)
+    out_c, in_c = factors.left.shape[0], factors.right.shape[1]
+    bias = _bias(conv)
+    m = LowRankConv2d(
+        in_c,
+        out_c,
+        factors.rank,
+        stride=tuple(src.stride),  # type: ignore[arg-type]
+        padding=src.padding if isinstance(src.padding, str) else tuple(src.padding),  # type: ignore[arg-type]
+        bias=bias is not None,
+        dtype=str(src.weight.dtype).removeprefix("torch."),
+        padding_mode=src.padding_mode,  # type: ignore[arg-type]
+    ).to(src.weight.device)
+    with torch.no_grad():
+        m.first.weight.copy_(factors.right[:, :, None, None])  # [r, C, 1, 1]
+        m.second.weight.copy_(factors.left[:, :, None, None])  # [S, r, 1, 1]
+        if bias is not None and m.second.bias is not None:
+            m.second.bias.copy_(bias)
+    m.train(conv.training)
+    return m
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, Tensor) else None
+
+
+def _weight(module: nn.Module) -> Tensor:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"`{type(module).__name__}` has no weight tensor")
+    return w
+
+
+def _matrix(module: nn.Module, kind: Kind) -> Tensor:
+    """The ``[out, in]`` weight matrix of a matrix-like layer."""
+    w = _weight(module)
+    if kind == "conv1d":
+        return w.T  # HF Conv1D stores [in, out]
+    if kind == "conv1x1":
+        return w[:, :, 0, 0]  # [S, C, 1, 1] -> [S, C]
+    return w
+
+
+def _tokens(shapes: list[tuple[int, ...]], conv: bool) -> int:
+    """Rows a matrix layer multiplies per forward: batch × sequence, or batch × pixels."""
+    if not shapes:
+        return 1
+    s = shapes[0]
+    if conv:  # output (B, S, H', W')
+        return max(1, math.prod(s[:1]) * math.prod(s[2:]))
+    return max(1, math.prod(s[:-1]))
+
+
+def _tucker_costs(
+    module: nn.Conv2d, r_out: int, r_in: int, in_hw: int, out_hw: int
+) -> tuple[int, int, int, int]:
+    """(dense params, Tucker params, dense MACs, Tucker MACs) per image, biases excluded."""
+    S, C, kh, kw = module.weight.shape
+    k2 = kh * kw
+    dense_p = S * C * k2
+    tucker_p = C * r_in + r_in * r_out * k2 + r_out * S
+    dense_m = out_hw * S * C * k2
+    tucker_m = in_hw * C * r_in + out_hw * (r_in * r_out * k2 + r_out * S)
+    return dense_p, tucker_p, dense_m, tucker_m
+
+
+@dataclass
+class _Candidate:
+    """A layer the plan may decompose, with what the rank rule needs to know."""
+
+    path: str
+    kind: Kind
+    module: nn.Module
+    row: PlanRow
+    in_f: int
+    out_f: int
+    tokens: int
+    full: Factors | None = None  # factors at the largest rank that may be used
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+
+
 class DecomposePass(SurgeryPass):
-    """Low-rank decomposition of `Linear` layers by truncated SVD."""
+    """Low-rank decomposition of ``Linear``/``Conv1D``/``Conv2d`` layers (see the module doc)."""
 
     keyword: ClassVar[str] = "decompose"
     statement_type = ast.Decompose
-    supported_types: ClassVar[tuple[str, ...]] = ("Linear",)
+    supported_types: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Conv2d")
     implemented_options: ClassVar[dict[str, set[str] | None]] = {
-        "rank": {"fraction", "absolute"},
-        "method": {"svd"},
+        "rank": {"fraction", "absolute", "energy"},
+        "method": {"svd", "asvd", "svd-llm", "tucker"},
+        "round": None,
+        "progressive": None,
+        "budget": None,
     }
 
-    def _rank_for(self, in_f: int, out_f: int) -> int:
-        rank = self.statement.rank
-        assert rank is not None, "the checker requires a rank"
-        if rank.kind == "fraction":
-            return rank_from_fraction(in_f, out_f, rank.value.magnitude)
-        return int(rank.value.magnitude)
+    # --- statement accessors ------------------------------------------------------------
+
+    @property
+    def _steps(self) -> int:
+        stmt: ast.Decompose = self.statement
+        return stmt.progressive.value if stmt.progressive is not None else 1
+
+    @property
+    def _multiple(self) -> int:
+        stmt: ast.Decompose = self.statement
+        return stmt.round.value if stmt.round is not None else 1
+
+    @property
+    def _tag(self) -> str:
+        span = self.statement.span
+        return f"{span.line}:{span.col}:{span.start}"
+
+    def family_steps(self) -> int:
+        """``K`` for ``progressive K steps``, else 1."""
+        return self._steps
+
+    def _method_for(self, kind: Kind) -> str:
+        stmt: ast.Decompose = self.statement
+        if stmt.method is not None:
+            return stmt.method.value
+        return "tucker" if kind == "tucker" else "svd"
+
+    def _error(self, message: str, node: ast.Node | None, help: str | None = None) -> PassError:
+        span = node.span if node is not None else self.statement.span
+        return PassError(Diagnostic(code="S0401", message=message, span=span, help=help))
+
+    # --- planning -----------------------------------------------------------------------
 
     def plan(self, model: nn.Module) -> StepPlan:
+        """Choose each layer's method and rank; compute the factors (kept for :meth:`apply`)."""
         context = self.ensure_context(model)
-        analysis = context.analysis
+        if self.family_step > 1:
+            return self._plan_refactor(model, context)
+        return self._plan_first(model, context)
+
+    def _stands_for_linear(self, path: str, module: nn.Module) -> bool:
+        """A module that lost its class but computes a Linear (a `.pt2` program unflattened
+        into `InterpreterModule`s: the analysis recovers the original class name)."""
+        info = self.context.analysis.modules.get(path) if self.context else None
+        weight = getattr(module, "weight", None)
+        return (
+            info is not None
+            and info.type == "Linear"
+            and isinstance(weight, Tensor)
+            and weight.dim() == 2
+            and not any(True for _ in module.children())
+        )
+
+    def _classify(self, path: str, module: nn.Module) -> tuple[Kind | None, str]:
+        """The layer kind, or None and the reason to skip it."""
+        names = type_names(module)
+        if isinstance(module, nn.Linear) or self._stands_for_linear(path, module):
+            return "linear", ""
+        weight = getattr(module, "weight", None)
+        if "Conv1D" in names and isinstance(weight, Tensor) and weight.dim() == 2:
+            return "conv1d", ""
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                return None, (
+                    f"grouped convolution (groups={module.groups}): a factor would mix channels "
+                    "across groups"
+                )
+            if tuple(module.kernel_size) == (1, 1):
+                return "conv1x1", ""
+            return "tucker", ""
+        return None, f"`{type(module).__name__}` layers are not decomposed"
+
+    def _plan_first(self, model: nn.Module, context: PassContext) -> StepPlan:
         stmt: ast.Decompose = self.statement
+        analysis = context.analysis
         plan = self.new_plan()
         modules = dict(model.named_modules())
         paths = select(model, analysis, stmt.selector, types=self.supported_types)
         measured = analysis.total_flops > 0
-        factors: dict[str, Factors] = {}
+        inside_factors = {
+            f"{p}.{child}" if p else child
+            for p, m in modules.items()
+            if isinstance(m, _FACTORED)
+            for child, _ in m.named_children()
+        }
+        candidates: list[_Candidate] = []
         for path in paths:
             module = modules[path]
             info = analysis.modules[path]
-            if not _linear_like(module) or info.type != "Linear" and not isinstance(module, nn.Linear):
+            kind, why = self._classify(path, module)
+            if kind is None:
+                if isinstance(module, nn.Conv2d):  # a refused conv gets a row saying why
+                    row = self._row(path, info.type, module, info.flops)
+                    row.action, row.note = "skip", why
+                    plan.rows.append(row)
                 continue
-            assert isinstance(module.weight, torch.Tensor)
-            out_f, in_f = module.weight.shape
-            bias = getattr(module, "bias", None) is not None
-            full = min(in_f, out_f)
-            rank = self._rank_for(in_f, out_f)
-            before = dense_params(in_f, out_f, bias)
-            flops = info.flops
-            row = PlanRow(
-                path=path,
-                type=info.type,
-                shape=f"{in_f}→{out_f}",
-                action="decompose",
-                params_before=before,
-                params_after=before,
-                flops_before=flops,
-                flops_after=flops,
-                detail={"rank": rank, "full_rank": full, "method": "svd"},
-            )
+            if kind == "tucker":
+                out_f, in_f = module.weight.shape[:2]
+            else:
+                out_f, in_f = _matrix(module, kind).shape
+            row = self._row(path, info.type, module, info.flops, kind=kind, in_f=in_f, out_f=out_f)
             plan.rows.append(row)
             skip = None
-            if info.tied:
+            method = self._method_for(kind)
+            row.detail["method"] = method
+            if path in inside_factors:
+                skip = "already a factor of a decomposition"
+            elif info.tied:
                 skip = "weight shared with another module (tied)"
             elif measured and info.calls == 0:
                 skip = "never called as a module (its weight is used directly)"
-            elif rank > full:
-                skip = f"rank {rank} exceeds full rank {full}"
-            elif rank > break_even_rank(in_f, out_f):
-                skip = f"rank {rank} saves no parameters (break-even {break_even_rank(in_f, out_f)})"
+            elif kind == "tucker" and method != "tucker":
+                skip = f"method `{method}` factors matrices; a {module.kernel_size[0]}×{module.kernel_size[1]} Conv2d needs `method tucker` (its default)"
+            elif kind != "tucker" and method == "tucker":
+                skip = (
+                    "`method tucker` applies to k×k Conv2d layers; use `svd`, `asvd` or `svd-llm`"
+                )
+            elif kind == "tucker" and stmt.budget is not None:
+                skip = (
+                    "budgets cover matrix layers (Linear, Conv1D, 1×1 Conv2d); give Conv2d a `rank`"
+                )
+            elif kind == "tucker" and self._steps > 1:
+                skip = "progressive refactoring applies to SVD pairs; decompose Conv2d in its own statement"
+            elif kind != "tucker" and break_even_rank(in_f, out_f) == 0:
+                skip = "no rank saves parameters for this shape"
             if skip:
                 row.action, row.note = "skip", skip
                 continue
-            f = svd_factors(module.weight, rank)
-            factors[path] = f
-            row.params_after = lowrank_params(in_f, out_f, rank, bias)
-            # FLOPs scale like the weights: every token goes through r·(in+out) MACs, not in·out.
-            row.flops_after = flops * rank * (in_f + out_f) // (in_f * out_f)
-            row.detail["energy"] = round(f.energy, 6)
-        plan.data["factors"] = factors
+            conv = kind == "conv1x1"
+            shapes = info.output_shapes if conv else info.input_shapes
+            cand = _Candidate(path, kind, module, row, in_f, out_f, _tokens(shapes, conv))
+            if kind == "tucker":
+                cand.extra["in_hw"] = (
+                    math.prod(info.input_shapes[0][2:]) if info.input_shapes else 0
+                )
+                cand.extra["out_hw"] = (
+                    math.prod(info.output_shapes[0][2:]) if info.output_shapes else 0
+                )
+            candidates.append(cand)
+
+        matrix = [c for c in candidates if c.kind != "tucker"]
+        self._factor_matrices(model, context, matrix, plan)
+        self._choose_ranks(matrix, plan)
+        for cand in candidates:
+            if cand.kind == "tucker":
+                self._plan_tucker(cand)
+        plan.data["factors"] = {
+            c.path: c.full for c in candidates if c.row.action != "skip" and c.full is not None
+        }
+        plan.data["tucker"] = {
+            c.path: c.extra["factors"]
+            for c in candidates
+            if c.row.action != "skip" and c.kind == "tucker"
+        }
+        if self._steps > 1:
+            self._annotate_member(plan, context)
         if not paths:
             plan.notes.append("the selector matched no module")
         return plan
 
+    def _row(
+        self,
+        path: str,
+        type_name: str,
+        module: nn.Module,
+        flops: int,
+        *,
+        kind: Kind | None = None,
+        in_f: int = 0,
+        out_f: int = 0,
+    ) -> PlanRow:
+        params = sum(p.numel() for p in module.parameters())
+        if kind == "tucker" or (kind is None and isinstance(module, nn.Conv2d)):
+            assert isinstance(module, nn.Conv2d)
+            k = "×".join(str(s) for s in module.kernel_size)
+            shape = f"{module.in_channels}→{module.out_channels} {k}"
+        else:
+            shape = f"{in_f}→{out_f}"
+        return PlanRow(
+            path=path,
+            type=type_name,
+            shape=shape,
+            action="decompose",
+            params_before=params,
+            params_after=params,
+            flops_before=flops,
+            flops_after=flops,
+            detail={},
+        )
+
+    def _calibration(self, context: PassContext) -> list[Any]:
+        if context.calibration:
+            return list(context.calibration)
+        if context.example is not None:
+            return [context.example]
+        raise self._error(
+            f"`method {self.statement.method.value}` needs calibration inputs",
+            self.statement.method,
+            "add `calibrate with FILE`, or run the recipe through `surgery` (it makes inputs)",
+        )
+
+    def _stats(
+        self, model: nn.Module, context: PassContext, modules: dict[str, nn.Module], method: str
+    ) -> dict[str, LayerStats]:
+        if method not in ("asvd", "svd-llm") or not modules:
+            return {}
+        return collect_input_stats(
+            model,
+            modules,
+            self._calibration(context),
+            abs_mean=method == "asvd",
+            gram=method == "svd-llm",
+            progress=context.progress,
+        )
+
+    def _factor_matrices(
+        self, model: nn.Module, context: PassContext, cands: list[_Candidate], plan: StepPlan
+    ) -> None:
+        """Full (data-aware) factorization of every matrix candidate, truncated to the
+        largest rank the rank rule may pick (the break-even rank), to bound memory."""
+        method = self._method_for("linear")
+        stats = self._stats(model, context, {c.path: c.module for c in cands}, method)
+        for i, cand in enumerate(cands):
+            W = _matrix(cand.module, cand.kind)  # [out, in]
+            full = min(cand.in_f, cand.out_f)
+            if method == "svd":
+                f = svd_factors(W, full)
+            else:
+                s = stats[cand.path]
+                if s.rows == 0:
+                    cand.row.action, cand.row.note = "skip", "not reached by the calibration inputs"
+                    continue
+                if method == "asvd":
+                    f = asvd_factors(W, s.abs_mean, full, alpha=ASVD_ALPHA)
+                else:
+                    assert s.xtx is not None
+                    f = svd_llm_factors(W, s.xtx, full)
+                    if s.rows < cand.in_f:
+                        cand.row.note = (
+                            f"{s.rows} calibration rows < {cand.in_f} inputs: XᵀX is singular, "
+                            "a ridge jitter was added"
+                        )
+                    s.xtx = None  # free [in, in] float64 as soon as it is used
+            keep = max(1, break_even_rank(cand.in_f, cand.out_f))
+            cand.full = _truncate(f, min(keep, full))
+            if context.progress is not None:
+                context.progress("factorizing", i + 1, len(cands))
+
+    def _choose_ranks(self, cands: list[_Candidate], plan: StepPlan) -> None:
+        stmt: ast.Decompose = self.statement
+        live = [c for c in cands if c.row.action != "skip" and c.full is not None]
+        if stmt.budget is not None:
+            ranks = self._budget_ranks(live, plan)
+        else:
+            ranks = {c.path: self._rank_rule(c) for c in live}
+        for cand in live:
+            assert cand.full is not None
+            row, (in_f, out_f) = cand.row, (cand.in_f, cand.out_f)
+            full = min(in_f, out_f)
+            be = break_even_rank(in_f, out_f)
+            target = ranks[cand.path]
+            row.detail["full_rank"] = full
+            if stmt.budget is not None and target >= full:
+                row.action, row.note = "skip", "the budget keeps this layer dense"
+                continue
+            if stmt.budget is None and self._multiple > 1:
+                target = round_rank(target, self._multiple, max_rank=be)
+            if target > full:
+                row.detail["rank"] = target
+                row.action, row.note = "skip", f"rank {target} exceeds full rank {full}"
+                continue
+            if target > be:
+                row.detail["rank"] = target
+                row.action, row.note = (
+                    "skip",
+                    f"rank {target} saves no parameters (break-even {be})",
+                )
+                continue
+            rank = target
+            if self._steps > 1:
+                schedule = progressive_schedule(be, target, self._steps, self._multiple)
+                cand.extra["schedule"] = schedule
+                rank = schedule[0]
+                row.detail["step"] = f"1/{self._steps}"
+                row.detail["target"] = target
+            cand.full = _truncate(cand.full, rank)
+            row.detail["rank"] = rank
+            row.detail["energy"] = round(_energy(cand.full.singular_values, rank), 6)
+            self._costs(row, in_f, out_f, rank, old_rank=None)
+        plan.data["schedules"] = {
+            c.path: c.extra["schedule"] for c in live if "schedule" in c.extra
+        }
+
+    def _rank_rule(self, cand: _Candidate) -> int:
+        rank = self.statement.rank
+        assert rank is not None, "the checker requires a rank or a budget"
+        if rank.kind == "fraction":
+            return rank_from_fraction(cand.in_f, cand.out_f, rank.value.magnitude)
+        if rank.kind == "energy":
+            assert cand.full is not None
+            return rank_for_energy(cand.full.singular_values, rank.value.magnitude)
+        return int(rank.value.magnitude)
+
+    def _budget_ranks(self, cands: list[_Candidate], plan: StepPlan) -> dict[str, int]:
+        budget = self.statement.budget
+        assert budget is not None
+        spectra = []
+        for c in cands:
+            assert c.full is not None
+            spectra.append(LayerSpectrum(c.path, c.in_f, c.out_f, c.tokens, c.full.singular_values))
+        if not spectra:
+            return {}
+        try:
+            ranks = allocate_budget(
+                spectra, budget.value.magnitude, budget.resource, multiple=self._multiple
+            )
+        except ValueError as exc:
+            raise self._error(str(exc), budget, "raise the budget or select fewer layers") from exc
+        from surgery.lowrank import layer_cost
+
+        dense = sum(layer_cost(s, min(s.in_f, s.out_f), budget.resource) for s in spectra)
+        used = sum(layer_cost(s, ranks[s.name], budget.resource) for s in spectra)
+        plan.notes.append(
+            f"budget {budget.resource} {budget.value.magnitude:.0%}: the {len(spectra)} budgeted "
+            f"layers keep {used / dense:.1%} of their {budget.resource} ({used:,} of {dense:,}, "
+            "weights only)"
+        )
+        return ranks
+
+    def _costs(self, row: PlanRow, in_f: int, out_f: int, rank: int, old_rank: int | None) -> None:
+        bias = row.params_before - (old_rank * (in_f + out_f) if old_rank else in_f * out_f)
+        row.params_after = rank * (in_f + out_f) + bias
+        # FLOPs scale like the weights: every row goes through r·(in+out) MACs, not in·out.
+        dense = old_rank * (in_f + out_f) if old_rank else in_f * out_f
+        row.flops_after = row.flops_before * rank * (in_f + out_f) // dense
+
+    def _plan_tucker(self, cand: _Candidate) -> None:
+        stmt: ast.Decompose = self.statement
+        module = cand.module
+        assert isinstance(module, nn.Conv2d)
+        row = cand.row
+        S, C = module.weight.shape[:2]
+        rank = stmt.rank
+        assert rank is not None
+        w = module.weight.detach().to(torch.float64)
+        if rank.kind == "fraction":
+            r_out = rank_from_fraction(S, S, rank.value.magnitude)
+            r_in = rank_from_fraction(C, C, rank.value.magnitude)
+        elif rank.kind == "absolute":
+            r_out, r_in = min(int(rank.value.magnitude), S), min(int(rank.value.magnitude), C)
+        else:
+            sv_out = torch.linalg.svdvals(w.reshape(S, -1))  # mode-0 unfolding [S, C·kh·kw]
+            sv_in = torch.linalg.svdvals(w.transpose(0, 1).reshape(C, -1))  # mode-1 [C, S·kh·kw]
+            r_out = rank_for_energy(sv_out, rank.value.magnitude)
+            r_in = rank_for_energy(sv_in, rank.value.magnitude)
+        if self._multiple > 1:
+            r_out = round_rank(r_out, self._multiple, max_rank=S)
+            r_in = round_rank(r_in, self._multiple, max_rank=C)
+        row.detail["rank"] = f"{r_out}×{r_in}"
+        row.detail["full_rank"] = f"{S}×{C}"
+        in_hw = cand.extra.get("in_hw") or 1
+        out_hw = cand.extra.get("out_hw") or 1
+        dense_p, tucker_p, dense_m, tucker_m = _tucker_costs(module, r_out, r_in, in_hw, out_hw)
+        if tucker_p >= dense_p or tucker_m >= dense_m:
+            what = "parameters" if tucker_p >= dense_p else "FLOPs"
+            row.action = "skip"
+            row.note = (
+                f"Tucker ranks {r_out}×{r_in} save no {what} ({tucker_p:,} vs {dense_p:,} weights)"
+            )
+            return
+        _, core, _ = tucker2_factors(module.weight, rank_out=r_out, rank_in=r_in)
+        total = float(w.square().sum())
+        kept = float(core.to(torch.float64).square().sum())  # orthonormal U: ‖core‖² is kept energy
+        row.detail["energy"] = round(kept / total if total > 0 else 1.0, 6)
+        bias = module.bias.numel() if module.bias is not None else 0
+        row.params_after = tucker_p + bias
+        row.flops_after = row.flops_before * tucker_m // max(dense_m, 1)
+        cand.extra["factors"] = (r_out, r_in)
+
+    # --- progressive steps k > 1 ----------------------------------------------------------
+
+    def _plan_refactor(self, model: nn.Module, context: PassContext) -> StepPlan:
+        plan = self.new_plan()
+        k, K = self.family_step, self._steps
+        method = self._method_for("linear")
+        pairs: dict[str, LowRankLinear | LowRankConv2d] = {}
+        for path, m in model.named_modules():
+            tag = getattr(m, PROGRESSIVE_ATTR, None)
+            if (
+                isinstance(m, _PAIRS)
+                and isinstance(tag, dict)
+                and tag.get("statement") == self._tag
+            ):
+                pairs[path] = m
+        if not pairs:
+            plan.notes.append(f"step {k}/{K}: no pair made by step 1 of this statement is left")
+            return plan
+        stats = self._stats(model, context, dict[str, nn.Module](pairs), method)
+        analysis = context.analysis
+        refactored: dict[str, Factors] = {}
+        for i, (path, m) in enumerate(pairs.items()):
+            tag = getattr(m, PROGRESSIVE_ATTR)
+            schedule: list[int] = tag["schedule"]
+            info = analysis.modules.get(path)
+            if isinstance(m, LowRankLinear):
+                in_f, out_f = m.in_features, m.out_features
+            else:
+                in_f, out_f = m.in_channels, m.out_channels
+            old = m.rank
+            row = PlanRow(
+                path=path,
+                type=type(m).__name__,
+                shape=f"{in_f}→{out_f}",
+                action="decompose",
+                params_before=sum(p.numel() for p in m.parameters()),
+                params_after=0,
+                flops_before=info.flops if info else 0,
+                flops_after=0,
+                detail={"method": method, "rank": schedule[k - 1], "full_rank": min(in_f, out_f)},
+            )
+            row.params_after, row.flops_after = row.params_before, row.flops_before
+            plan.rows.append(row)
+            rank = schedule[min(k, len(schedule)) - 1]
+            row.detail["step"] = f"{k}/{K}"
+            row.detail["target"] = schedule[-1]
+            if rank >= old:
+                row.action, row.note = "skip", f"rank stays {old} at this step"
+                continue
+            first = m.first.weight.reshape(old, in_f)  # [r, in] (1×1 conv: [r, C, 1, 1])
+            second = m.second.weight.reshape(out_f, old)  # [out, r]
+            gram: Tensor | None = None
+            if method in ("asvd", "svd-llm"):
+                s = stats[path]
+                if s.rows == 0:
+                    row.action, row.note = "skip", "not reached by the calibration inputs"
+                    continue
+                if method == "asvd":
+                    scale = s.abs_mean.abs().pow(ASVD_ALPHA).clamp_min(1e-6)  # [in]
+                    gram = scale.square()
+                else:
+                    gram = s.xtx
+                    s.xtx = None
+            f = refactor_pair(first, second, rank, gram)
+            refactored[path] = f
+            row.detail["rank"] = rank
+            row.detail["energy"] = round(f.energy, 6)
+            self._costs(row, in_f, out_f, rank, old_rank=old)
+            if context.progress is not None:
+                context.progress("refactoring", i + 1, len(pairs))
+        plan.data["factors"] = refactored
+        plan.data["tucker"] = {}
+        plan.data["schedules"] = {
+            p: getattr(m, PROGRESSIVE_ATTR)["schedule"] for p, m in pairs.items()
+        }
+        self._annotate_member(plan, context)
+        return plan
+
+    def _annotate_member(self, plan: StepPlan, context: PassContext) -> None:
+        saved = sum(r.params_before - r.params_after for r in plan.changed_rows)
+        size = context.analysis.total_params - saved
+        for row in plan.changed_rows:
+            row.detail["member_params"] = size
+        plan.notes.append(f"family member {self.family_step} of {self._steps}: {size:,} parameters")
+
+    # --- applying -------------------------------------------------------------------------
+
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
+        """Replace every planned layer; frees each layer's factors as soon as it is used."""
         factors: dict[str, Factors] = plan.data.get("factors", {})
+        tucker: dict[str, tuple[int, int]] = plan.data.get("tucker", {})
+        schedules: dict[str, list[int]] = plan.data.get("schedules", {})
         changes: list[Change] = []
         for row in plan.changed_rows:
-            linear = model.get_submodule(row.path)
-            if not _linear_like(linear):
-                raise PassError(
-                    Diagnostic(
-                        code="S0401",
-                        message=f"`{row.path}` is no longer a `Linear`",
-                        span=self.statement.span,
-                        help="an earlier statement replaced it; reorder the recipe",
+            old = model.get_submodule(row.path)
+            new: nn.Module
+            if row.path in tucker:
+                if not isinstance(old, nn.Conv2d):
+                    raise self._moved(row.path, "Conv2d")
+                r_out, r_in = tucker[row.path]
+                new = TuckerConv2d.from_conv(old, rank_out=r_out, rank_in=r_in)
+                new.train(old.training)
+            else:
+                f = factors.pop(row.path)
+                if isinstance(old, nn.Conv2d | LowRankConv2d):
+                    new = _lowrank_conv_from(old, f)
+                elif (
+                    isinstance(old, nn.Linear | LowRankLinear)
+                    or "Conv1D" in type_names(old)
+                    or self._stands_for_linear(row.path, old)
+                ):
+                    new = lowrank_linear_from(old, f)
+                else:
+                    raise self._moved(row.path, "Linear")
+                if row.path in schedules:
+                    setattr(
+                        new,
+                        PROGRESSIVE_ATTR,
+                        {"statement": self._tag, "schedule": schedules[row.path]},
                     )
-                )
-            new = lowrank_linear_from(linear, factors[row.path])
             model.set_submodule(row.path, new)
-            detail: dict[str, Any] = {k: row.detail[k] for k in ("rank", "method", "energy")}
+            detail: dict[str, Any] = {
+                k: row.detail[k] for k in ("rank", "method", "energy") if k in row.detail
+            }
             changes.append(self.change(row.path, "decompose", **detail))
+        if self._steps > 1 and changes:
+            self._member_drift(model, plan)
         return changes
+
+    def _moved(self, path: str, what: str) -> PassError:
+        return PassError(
+            Diagnostic(
+                code="S0401",
+                message=f"`{path}` is no longer a `{what}`",
+                span=self.statement.span,
+                help="an earlier statement replaced it; reorder the recipe",
+            )
+        )
+
+    def _member_drift(self, model: nn.Module, plan: StepPlan) -> None:
+        """Relative output error of this member against the original, before any healing."""
+        context = self.context
+        if context is None or context.example is None or context.original is None:
+            return
+        from surgery.manager import drift
+
+        value = drift([context.example.call(context.original)], [context.example.call(model)])
+        for row in plan.changed_rows:
+            row.detail["member_drift"] = round(value, 6)
+
+
+def _energy(sv: Tensor, rank: int) -> float:
+    sq = sv.to(torch.float64).square()
+    total = float(sq.sum())
+    return 1.0 if total == 0.0 else float(sq[:rank].sum()) / total
+
+
+def _truncate(f: Factors, rank: int) -> Factors:
+    """``f`` at a lower rank: the √Σ and SVD-LLM splits truncate by slicing (cloned, so the
+    full factors can be freed)."""
+    if rank == f.rank:
+        return f
+    return Factors(
+        left=f.left[:, :rank].clone(),
+        right=f.right[:rank].clone(),
+        singular_values=f.singular_values,
+        rank=rank,
+        energy=_energy(f.singular_values, rank),
+    )

@@ -1,0 +1,104 @@
+"""`LowRankConv2d`: a 1×1 `Conv2d(C→S)` factored into 1×1 `C→r` then 1×1 `r→S` (SVD split)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from surgery.modules.registry import SurgeryModule, register_module
+
+__all__ = ["LowRankConv2d"]
+
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+@register_module
+class LowRankConv2d(SurgeryModule):
+    """``y = second(first(x))``: a 1×1 convolution ``C→S`` as two 1×1 convolutions.
+
+    A 1×1 convolution is a ``Linear`` applied at every pixel, so it takes the same SVD
+    split as :class:`~surgery.modules.LowRankLinear`: ``first`` is ``C→rank`` (no bias) and
+    carries the original stride and padding, ``second`` is ``rank→S`` with the original bias.
+    Padding stays on ``first``: a bias-free pointwise map sends padded zeros (or copied edge
+    pixels) to what the original saw there, so the output equals the original's at every
+    position. It costs ``rank·(C+S)`` weights instead of ``C·S``.
+
+    >>> m = LowRankConv2d(8, 16, rank=4)
+    >>> m(torch.zeros(2, 8, 5, 5)).shape
+    torch.Size([2, 16, 5, 5])
+    >>> sum(p.numel() for p in m.parameters()) == 4 * (8 + 16) + 16
+    True
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        rank: int,
+        stride: int | tuple[int, int] | list[int] = 1,
+        padding: int | tuple[int, int] | list[int] | str = 0,
+        bias: bool = True,
+        dtype: str | None = None,
+        padding_mode: PaddingMode = "zeros",
+    ) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.rank = rank
+        self.stride = _pair(stride)
+        self.padding: tuple[int, int] | str = (
+            padding if isinstance(padding, str) else _pair(padding)
+        )
+        self.padding_mode = padding_mode
+        self.first = nn.Conv2d(
+            in_channels,
+            rank,
+            1,
+            stride=self.stride,
+            padding=self.padding,
+            bias=False,
+            padding_mode=padding_mode,
+            dtype=torch_dtype,
+        )
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, dtype=torch_dtype)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "rank": self.rank,
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "bias": self.second.bias is not None,
+            "dtype": str(self.first.weight.dtype).removeprefix("torch."),
+            "padding_mode": self.padding_mode,
+        }
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense equivalent kernel ``[S, C, 1, 1]``, for inspection."""
+        w = self.second.weight[:, :, 0, 0] @ self.first.weight[:, :, 0, 0]  # [S, C]
+        return w[:, :, None, None]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.second.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, S, H', W')
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}"
