@@ -144,7 +144,32 @@ def _load(args: argparse.Namespace) -> Any:
         raise _model_error(exc, "S0310", args.model) from exc
 
 
-def _run(args: argparse.Namespace, *, measure: bool, console: Console) -> tuple[Any, Any, str]:
+def _targets(args: argparse.Namespace) -> list[tuple[str, str | None, int | None]]:
+    """``--target B[:DEVICE]`` options as (backend, device, trials) like `target` statements."""
+    from surgery.check import BACKENDS
+    from surgery.diagnostics import Diagnostic
+
+    specs: list[tuple[str, str | None, int | None]] = []
+    for text in getattr(args, "target", None) or []:
+        backend, _, device = text.partition(":")
+        if backend not in BACKENDS or (device and device not in BACKENDS[backend]):
+            known = ", ".join(f"{b}:{d}" for b, ds in BACKENDS.items() for d in ds)
+            raise UserError(
+                [
+                    Diagnostic(
+                        code="S0002", message=f"unknown target `{text}`", help=f"use one of {known}"
+                    )
+                ],
+                None,
+                "--target",
+            )
+        specs.append((backend, device or None, args.trials))
+    return specs
+
+
+def _run(
+    args: argparse.Namespace, *, measure: bool, console: Console, workdir: Path | None = None
+) -> tuple[Any, Any, str]:
     from surgery.diagnostics import Diagnostic
     from surgery.inputs import InputError
     from surgery.manager import Manager
@@ -158,9 +183,16 @@ def _run(args: argparse.Namespace, *, measure: bool, console: Console) -> tuple[
         recipe_dir=Path(args.recipe).parent,
         strict=args.strict,
         progress=console.progress,
+        max_heal_steps=args.max_heal_steps,
     )
     try:
-        run = manager.run(measure=measure, warmup=args.warmup, repeats=args.repeats)
+        run = manager.run(
+            measure=measure,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            targets=_targets(args),
+            workdir=workdir,
+        )
     except PassError as exc:
         raise UserError([exc.diagnostic], source, args.recipe) from exc
     except InputError as exc:
@@ -297,21 +329,26 @@ def cmd_apply(args: argparse.Namespace) -> int:
             None,
             args.output,
         )
-    run, loaded, source = _run(args, measure=not args.no_measure, console=console)
-    _emit_diagnostics(run.warnings, source, args.recipe, "text")
-    plan = plan_dict(run, recipe=args.recipe, model=args.model)
-    report = report_markdown(run, recipe=args.recipe, model=args.model, recipe_source=source)
-    changes = [c.as_dict() for c in run.changes]
     try:
+        # The run happens inside the temporary output so lowered artifacts land in OUT too;
+        # any failure removes it, and OUT appears only when everything is written.
         with atomic_directory(out, force=args.force, protect=[Path(args.model)]) as tmp:
+            run, loaded, source = _run(
+                args, measure=not args.no_measure, console=console, workdir=tmp / "lowered"
+            )
+            _emit_diagnostics(run.warnings, source, args.recipe, "text")
+            plan = plan_dict(run, recipe=args.recipe, model=args.model)
+            report = report_markdown(
+                run, recipe=args.recipe, model=args.model, recipe_source=source
+            )
+            changes = [c.as_dict() for c in run.changes]
             console.progress("writing output", 0, 1)
             write_model(run.model, loaded.base, tmp, changes=changes)
             save_base_files(loaded, tmp)
-            for index, member, member_drift in run.family:
+            for index, member, _member_drift in run.family:
                 member_dir = tmp / f"step-{index}"
                 write_model(member, loaded.base, member_dir, changes=changes)
                 save_base_files(loaded, member_dir)
-                del member_drift
             (tmp / "recipe.surg").write_text(source, encoding="utf-8")
             (tmp / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
             (tmp / "report.md").write_text(report, encoding="utf-8")
@@ -414,6 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
         p.add_argument("--warmup", type=int, default=3, help="timing warm-up runs (default 3)")
         p.add_argument("--repeats", type=int, default=20, help="timed A/B repeats (default 20)")
+        p.add_argument(
+            "--target",
+            action="append",
+            metavar="BACKEND[:DEVICE]",
+            help="also lower to and measure on this target (repeatable), e.g. onnx:cpu, tvm:llvm",
+        )
+        p.add_argument("--trials", type=int, default=None, help="TVM tuning trials per task")
+        p.add_argument(
+            "--max-heal-steps",
+            type=int,
+            default=None,
+            metavar="N",
+            help="cap every `heal` at N steps (a quick trial run of a recipe)",
+        )
 
     p = sub.add_parser(
         "plan",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from surgery import ast
+from surgery.backends import EXPECT_ON, TARGET_SUPPORT
 from surgery.diagnostics import Diagnostic
 from surgery.facts import Analysis
 from surgery.heal import HEAL_SUPPORT
@@ -61,8 +63,8 @@ __all__ = ["MANAGER_SUPPORT", "Contract", "Manager", "Run", "Step", "drift"]
 # Statements the manager itself carries out: verb -> (implemented options, types).
 MANAGER_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] = {
     "calibrate": ({"samples": None, "batch": None}, ()),
-    "target": ({"backend": {"torch"}, "device": {"torch cpu"}}, ()),
-    "expect": ({"metric": {"params", "flops", "drift", "speedup"}, "on": {"torch"}}, ()),
+    "target": (dict(TARGET_SUPPORT), ()),
+    "expect": ({"metric": {"params", "flops", "drift", "speedup"}, "on": set(EXPECT_ON)}, ()),
     "regularize": ({"every": None}, ()),
     **HEAL_SUPPORT,
 }
@@ -142,6 +144,7 @@ class Run:
     contracts: list[Contract] = field(default_factory=list)
     family: list[tuple[int, nn.Module, float]] = field(default_factory=list)  # (step, model, drift)
     heals: list[Any] = field(default_factory=list)  # surgery.heal.HealReport of each `heal`
+    verifications: list[Any] = field(default_factory=list)  # surgery.backends.Verification
 
     @property
     def changes(self) -> list[Change]:
@@ -200,6 +203,7 @@ class Manager:
         strict: bool = False,
         progress: Progress | None = None,
         seed: int = 0,
+        max_heal_steps: int | None = None,
     ) -> None:
         self.recipe = recipe
         self.loaded = model if isinstance(model, LoadedModel) else None
@@ -208,6 +212,7 @@ class Manager:
         self.strict = strict
         self.progress = progress
         self.seed = seed
+        self.max_heal_steps = max_heal_steps  # a cap for quick trial runs of a recipe
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -241,8 +246,20 @@ class Manager:
 
     # --- running ------------------------------------------------------------------------
 
-    def run(self, *, measure: bool = True, warmup: int = 3, repeats: int = 20) -> Run:
-        """Run every statement; measure drift, and speed when ``measure``; check contracts."""
+    def run(
+        self,
+        *,
+        measure: bool = True,
+        warmup: int = 3,
+        repeats: int = 20,
+        targets: list[tuple[str, str | None, int | None]] | None = None,
+        workdir: Path | None = None,
+    ) -> Run:
+        """Run every statement; measure drift, and speed when ``measure``; check contracts.
+
+        With ``measure``, the recipe's ``target`` statements (plus ``targets``) are lowered,
+        checked and timed by `surgery.backends`, with artifacts under ``workdir``.
+        """
         from surgery.graph import analyze
 
         self._emit("preparing inputs", 0, 1)
@@ -324,6 +341,22 @@ class Manager:
                 warmup=warmup,
                 repeats=repeats,
                 progress=self.progress,
+            )
+        specs = [
+            (
+                s.backend.value,
+                s.device.value if s.device else None,
+                s.trials.value if s.trials else None,
+            )
+            for s in self.recipe.statements
+            if isinstance(s, ast.Target)
+        ] + list(targets or [])
+        if measure and specs:
+            from surgery.backends import run_targets
+
+            workdir = workdir or Path(tempfile.mkdtemp(prefix="surgery-lowered-"))
+            run.verifications = run_targets(
+                run, specs, workdir, warmup=warmup, repeats=repeats, progress=self.progress
             )
         original.train(was_training)
         run.contracts = [
@@ -412,7 +445,7 @@ class Manager:
         from surgery.heal import heal
 
         statements = list(self.recipe.statements)
-        before = statements[: statements.index(stmt)]
+        before = statements[: statements.index(stmt)]  # before any capping copy is made
         freeze = next((s for s in reversed(before) if isinstance(s, ast.Freeze)), None)
         hooks = list(state.hooks)
         for s in before:
@@ -421,6 +454,18 @@ class Manager:
 
                 hooks.extend(hooks_for(s, state.model))
         context = self._context(state, example, calibration, original)
+        if self.max_heal_steps is not None and stmt.steps.value > self.max_heal_steps:
+            run.warnings.append(
+                Diagnostic(
+                    code="S0303",
+                    message=f"`heal steps {stmt.steps.value}` capped at {self.max_heal_steps} "
+                    "steps by --max-heal-steps",
+                    span=stmt.steps.span,
+                    severity="warning",
+                )
+            )
+            capped = stmt.steps.model_copy(update={"value": self.max_heal_steps})
+            stmt = stmt.model_copy(update={"steps": capped})
         report = heal(state.model, stmt, context, freeze=freeze, hooks=hooks)
         run.heals.append(report)
         run.warnings.extend(context.warnings)
@@ -506,11 +551,18 @@ class Manager:
             measured = float(run.drift) if run.drift is not None else float("nan")
             shown = f"{measured:.4g}"
         else:
-            if run.speed is None:
-                return Contract(stmt, text, None, None, None, "speed was not measured")
-            measured = run.speed.speedup
-            interval = (run.speed.ci_low, run.speed.ci_high)
-            shown = str(run.speed)
+            from surgery.backends import contract_value
+
+            backend = stmt.on.value if stmt.on is not None else "torch"
+            value = contract_value(run.verifications, backend)
+            if value is None and backend == "torch" and run.speed is not None:
+                value = (run.speed.speedup, (run.speed.ci_low, run.speed.ci_high))
+            if value is None:
+                return Contract(
+                    stmt, text, None, None, None, f"speed was not measured on {backend}"
+                )
+            measured, interval = value
+            shown = f"{measured:.2f}× [{interval[0]:.2f}, {interval[1]:.2f}] on {backend}"
         held = _compare(measured, stmt.op, target)
         return Contract(stmt, text, measured, interval, held, shown)
 

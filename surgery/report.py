@@ -108,10 +108,21 @@ def summary_lines(run: Run) -> list[str]:
         )
     if run.speed is not None:
         lines.append(f"measured {run.speed}")
+    lines += [f"target {_target_line(v, run)}" for v in run.verifications]
     for c in run.contracts:
         status = {True: "met", False: "NOT MET", None: "not measured"}[c.held]
         lines.append(f"contract `{c.text}`: {status} ({c.detail})")
     return lines
+
+
+def _target_line(verification: Any, run: Run) -> str:
+    """A backend's verification with the predicted speedup beside the measured one."""
+    text = str(verification)
+    speed = verification.speed
+    if verification.ok and speed is not None and run.flop_speedup:
+        realized = speed.speedup / run.flop_speedup
+        text += f" — FLOP-ideal {run.flop_speedup:.2f}× (predicted), {realized:.0%} realized"
+    return text
 
 
 def plan_text(run: Run) -> str:
@@ -144,6 +155,7 @@ def plan_dict(run: Run, *, recipe: str, model: str) -> dict[str, Any]:
         },
         "drift": run.drift,
         "speed": run.speed.as_dict() if run.speed else None,
+        "targets": [v.as_dict() for v in run.verifications],
         "contracts": [c.as_dict() for c in run.contracts],
         "warnings": [w.message for w in run.warnings],
     }
@@ -182,6 +194,20 @@ def report_markdown(run: Run, *, recipe: str, model: str, recipe_source: str) ->
     else:
         out.append("| latency | | | not measured |")
     out.append("")
+    if run.verifications:
+        out += [
+            "## Targets",
+            "",
+            "Numerics first (lowered vs eager), then timing of the lowered "
+            "original against the lowered surgered model:",
+            "",
+        ]
+        out += [f"- {_target_line(v, run)}" for v in run.verifications]
+        out += [
+            "",
+            "Ascend (MindIR) timings cannot be measured on this machine and are not estimated.",
+            "",
+        ]
     if run.speed is not None:
         out += [
             f"Timing: {run.speed.warmup} warm-up runs, then {run.speed.repeats} interleaved A/B "

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Speedup", "bootstrap_ratio_ci", "measure_speedup"]
+__all__ = ["Speedup", "bootstrap_ratio_ci", "measure_speedup", "measure_speedup_fn"]
 
 
 @dataclass
@@ -66,15 +66,6 @@ def bootstrap_ratio_ci(
     return lo, hi
 
 
-def _timer(model: nn.Module, run: Callable[[nn.Module], Any]) -> Callable[[], float]:
-    def once() -> float:
-        start = time.perf_counter()
-        run(model)
-        return time.perf_counter() - start
-
-    return once
-
-
 def measure_speedup(
     baseline: nn.Module,
     candidate: nn.Module,
@@ -91,7 +82,45 @@ def measure_speedup(
         with torch.inference_mode():
             return inputs.call(model)
 
-    time_a, time_b = _timer(baseline, run), _timer(candidate, run)
+    return measure_speedup_fn(
+        lambda: run(baseline),
+        lambda: run(candidate),
+        warmup=warmup,
+        repeats=repeats,
+        device=device,
+        progress=progress,
+    )
+
+
+def measure_speedup_fn(
+    baseline: Callable[[], Any],
+    candidate: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    device: str = "torch-cpu",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Speedup:
+    """Time two zero-argument callables, interleaved: the core of :func:`measure_speedup`.
+
+    Backends (ONNX Runtime sessions, TVM virtual machines, CUDA graphs) are not torch
+    modules, so they are timed through callables that run one call to completion
+    (a CUDA runner must synchronise inside the callable, or only the launch is timed).
+
+    >>> s = measure_speedup_fn(lambda: sum(range(2000)), lambda: None, warmup=1, repeats=5)
+    >>> s.repeats, s.speedup > 1
+    (5, True)
+    """
+
+    def timer(fn: Callable[[], Any]) -> Callable[[], float]:
+        def once() -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+
+        return once
+
+    time_a, time_b = timer(baseline), timer(candidate)
     for _ in range(warmup):
         time_a()
         time_b()

@@ -7,8 +7,8 @@ from torch import nn
 
 __all__ = [
     "TinyMLP",
-    "WideMLP",
     "Untraceable",
+    "WideMLP",
     "broken_factory",
     "tiny_bert",
     "tiny_gpt2",

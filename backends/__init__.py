@@ -1,0 +1,196 @@
+"""Backends: lower the original and the surgered model to a target, check numerics, time both.
+
+One :class:`Backend` protocol (``name``, ``device``, ``is_available()``, ``lower()``) with one
+file per target, and one shared :func:`verify`. The manager and the CLI call
+:func:`run_targets` for a recipe's ``target`` statements and :func:`contract_value` for
+``expect speedup … on B``; the checker reads :data:`TARGET_SUPPORT` and :data:`EXPECT_ON`.
+
+=================  ===================  ============================================
+recipe             backend name         lowering
+=================  ===================  ============================================
+``torch cpu``      ``torch-cpu``        the model itself (eager)
+``torch cuda``     ``torch-cuda``       eager on CUDA, synchronised timing
+``torch inductor`` ``torch-inductor``   ``torch.compile`` (inductor) on CPU
+``onnx cpu|cuda``  ``onnx-cpu|cuda``    ``torch.onnx.export(dynamo=True)`` + onnxruntime
+``tvm llvm|cuda``  ``tvm-llvm|cuda``    ``torch.export`` → Relax → MetaSchedule → VM
+=================  ===================  ============================================
+
+>>> import torch
+>>> from surgery.inputs import Inputs
+>>> b = get_backend("torch", "cpu")
+>>> b.name, b.is_available()
+('torch-cpu', (True, ''))
+>>> sorted(TARGET_SUPPORT["device"])[:3]
+['onnx cpu', 'onnx cuda', 'torch cpu']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .base import (
+    Backend,
+    BackendUnavailable,
+    FlatModel,
+    FlatSignature,
+    Lowered,
+    LoweringError,
+)
+from .verify import Verification, relative_error, verify
+
+if TYPE_CHECKING:
+    from surgery.manager import Run
+
+__all__ = [
+    "DEFAULT_DEVICE",
+    "EXPECT_ON",
+    "TARGET_SUPPORT",
+    "Backend",
+    "BackendUnavailable",
+    "FlatModel",
+    "FlatSignature",
+    "Lowered",
+    "LoweringError",
+    "Verification",
+    "contract_value",
+    "get_backend",
+    "relative_error",
+    "run_targets",
+    "verify",
+]
+
+# The device a bare `target B` means.
+DEFAULT_DEVICE: dict[str, str] = {"torch": "cpu", "onnx": "cpu", "tvm": "llvm"}
+
+# Implemented `target` statements, in the format of `MANAGER_SUPPORT["target"][0]`: what the
+# code implements, not what this machine has (an unavailable device is skipped with a reason
+# at run time). `trials` is accepted for every backend and used by `tvm` only.
+TARGET_SUPPORT: dict[str, set[str] | None] = {
+    "backend": {"torch", "onnx", "tvm"},
+    "device": {
+        "torch cpu",
+        "torch cuda",
+        "torch inductor",
+        "onnx cpu",
+        "onnx cuda",
+        "tvm llvm",
+        "tvm cuda",
+    },
+    "trials": None,
+}
+
+# Backends `expect speedup … on B` can name (the values of `MANAGER_SUPPORT["expect"]["on"]`).
+EXPECT_ON: set[str] = {"torch", "onnx", "tvm"}
+
+Progress = Callable[[str, int, int], None]
+TargetSpec = tuple[str, "str | None", "int | None"]  # (backend, device, trials) of `target`
+
+
+def get_backend(backend: str, device: str | None = None, trials: int | None = None) -> Backend:
+    """The backend object for a recipe's ``target BACKEND [DEVICE] [trials N]``.
+
+    ``ValueError`` for a pair that is not implemented (the checker rejects those first).
+
+    >>> get_backend("tvm", trials=4).name, get_backend("torch", "inductor").name
+    ('tvm-llvm', 'torch-inductor')
+    """
+    device = device or DEFAULT_DEVICE.get(backend)
+    if f"{backend} {device}" not in (TARGET_SUPPORT["device"] or set()):
+        raise ValueError(f"target `{backend} {device}` is not implemented")
+    if backend == "torch":
+        from .torch_backend import TorchBackend
+
+        if device == "inductor":
+            return TorchBackend("cpu", compiled=True)
+        assert device is not None
+        return TorchBackend(device)
+    if backend == "onnx":
+        from .onnx_backend import OnnxBackend
+
+        assert device is not None
+        return OnnxBackend(device)
+    from .tvm_backend import TvmBackend
+
+    assert device is not None
+    return TvmBackend(device, trials=trials)
+
+
+def run_targets(
+    run: Run,
+    targets: Sequence[TargetSpec],
+    workdir: Path,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    tolerance: float = 1e-4,
+    progress: Progress | None = None,
+) -> list[Verification]:
+    """Verify ``run.model`` against ``run.original`` on each target, in order.
+
+    ``targets`` are ``(backend, device or None, trials or None)`` from the recipe's
+    ``target`` statements (or the CLI). The timing inputs are the manager's:
+    ``run.calibration[0]`` (else ``run.example``). Artifacts of the surgered model land in
+    ``workdir / <backend name>`` (e.g. ``OUT/lowered/onnx-cpu/model.onnx``). Duplicate
+    targets are verified once. Never raises for a backend problem: each result says
+    ``ok``, ``numerics failed``, ``unavailable`` or ``failed`` with the reason.
+    """
+    inputs = run.calibration[0] if run.calibration else run.example
+    results: list[Verification] = []
+    seen: set[tuple[str, str | None, int | None]] = set()
+    for backend_name, device, trials in targets:
+        device = device or DEFAULT_DEVICE.get(backend_name)
+        if (backend_name, device, trials) in seen:
+            continue
+        seen.add((backend_name, device, trials))
+        try:
+            backend = get_backend(backend_name, device, trials)
+        except ValueError as exc:
+            results.append(
+                Verification(f"{backend_name}-{device}", "unavailable", tolerance, reason=str(exc))
+            )
+            continue
+        results.append(
+            verify(
+                run.original,
+                run.model,
+                backend,
+                inputs,
+                tolerance=tolerance,
+                warmup=warmup,
+                repeats=repeats,
+                workdir=Path(workdir) / backend.name,
+                progress=progress,
+            )
+        )
+    return results
+
+
+def contract_value(
+    verifications: Sequence[Verification], backend: str
+) -> tuple[float, tuple[float, float]] | None:
+    """``(speedup, (ci_low, ci_high))`` for ``expect speedup … on BACKEND``, or None.
+
+    ``backend`` is the recipe's name (``onnx``) or a full backend name (``onnx-cpu``). With
+    several measured targets of one backend (``onnx cpu`` and ``onnx cuda``) the contract
+    reads the slowest, so that it holds on every target it names. None when no target of
+    that backend was timed (unavailable, failed, or numerics failed): the contract is then
+    "not measured", never "met".
+
+    >>> from surgery.timing import Speedup
+    >>> v = Verification("onnx-cpu", "ok", 1e-4, speed=Speedup("onnx-cpu", 2.0, 1.0, 2.0, 1.9, 2.1, 5, 1))
+    >>> contract_value([v], "onnx"), contract_value([v], "tvm")
+    ((2.0, (1.9, 2.1)), None)
+    """
+    measured = [
+        v.speed
+        for v in verifications
+        if v.speed is not None
+        and v.ok
+        and (v.backend == backend or v.backend.split("-", 1)[0] == backend)
+    ]
+    if not measured:
+        return None
+    slowest = min(measured, key=lambda s: s.speedup)
+    return slowest.speedup, (slowest.ci_low, slowest.ci_high)

@@ -1,0 +1,432 @@
+"""Hardware-aware rank choice: per-layer latency tables measured on a target, cached on disk.
+
+A factorized layer is not automatically faster: two thin GEMMs can lose to one wide one, and
+latency falls in cliffs at the target's tile multiples (ALGORITHMS.md, "Hardware-aware rank
+optimization"). For each candidate ``Linear(in→out)`` this module times, alone and at its
+real input shape (``ModuleInfo.input_shapes``), the dense layer and the factorized pair
+``Linear(in→r) → Linear(r→out)`` for ranks from the requested one downwards in steps of the
+target's tile. The rank choice is then a pure function of the table (:func:`choose_rank`,
+delegating to :func:`surgery.lowrank.pick_rank_below_cliff`), so tests use fake tables.
+
+Tables are cached as JSON under ``<cache>/latency/`` keyed by backend, device, layer shape,
+input shape, dtype and torch version: a second run does not time again.
+
+Tiles (:data:`TILE`): on this machine's CPU (AVX-512, MKL) a 768→r→768 pair at 1024 tokens
+was ~7% faster at multiples of 8 than at the ranks just above them, with no extra gain at
+multiples of 16, so CPU targets step by 8. CUDA tensor cores want multiples of 8 (TF32) or
+16 (fp16/bf16 MMA k-depth); 16 is the default. The Ascend cube unit works on 16×16 fractals.
+
+>>> table = LatencyTable("torch-cpu", "Linear", 768, 768, (8, 128, 768), "float32", "x",
+...                      dense=2.0, ranks={192: 1.0, 184: 0.99, 176: 0.7, 168: 0.69})
+>>> choose_rank(table, requested=192, step=8)  # the cliff is between 184 and 176
+176
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.facts import Analysis
+from surgery.inputs import Inputs
+from surgery.lowrank import pick_rank_below_cliff
+
+from .base import Backend, LoweringError
+from .cache import cache_dir
+
+__all__ = [
+    "TILE",
+    "LatencyTable",
+    "candidate_ranks",
+    "choose_rank",
+    "keep_if_faster_ranks",
+    "latency_table",
+    "layer_speedups",
+    "load_table",
+    "measure_linear",
+    "save_table",
+    "tile_for",
+]
+
+# Rank step per backend name (see the module docstring for why these values).
+TILE: dict[str, int] = {
+    "torch-cpu": 8,
+    "torch-inductor": 8,
+    "onnx-cpu": 8,
+    "tvm-llvm": 8,
+    "torch-cuda": 16,
+    "torch-inductor-cuda": 16,
+    "onnx-cuda": 16,
+    "tvm-cuda": 16,
+    "mindir-ascend": 16,
+    "mindir-cpu": 8,
+}
+
+
+def tile_for(backend: str) -> int:
+    """The rank step of a backend name (8 when unknown: every SIMD width here divides it)."""
+    return TILE.get(backend, 8)
+
+
+@dataclass
+class LatencyTable:
+    """Median seconds of one layer shape on one target: dense, and factorized per rank."""
+
+    backend: str  # backend name, e.g. "onnx-cpu"
+    layer: str  # "Linear"
+    in_features: int
+    out_features: int
+    input_shape: tuple[int, ...]  # the layer's real input, e.g. (8, 128, 768)
+    dtype: str  # "float32"
+    torch_version: str
+    dense: float  # median seconds of the dense layer
+    ranks: dict[int, float] = field(default_factory=dict)  # rank -> median seconds
+    bias: bool = True
+    repeats: int = 0
+
+    def key(self) -> str:
+        """Cache key: everything the latency depends on except the weights' values."""
+        return table_key(
+            self.backend,
+            self.layer,
+            self.in_features,
+            self.out_features,
+            self.input_shape,
+            self.dtype,
+            self.bias,
+            self.torch_version,
+        )
+
+    def speedup(self, rank: int) -> float:
+        """Dense latency over factorized latency at ``rank`` (> 1: the factorization pays)."""
+        return self.dense / max(self.ranks[rank], 1e-12)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        data["ranks"] = {str(r): t for r, t in sorted(self.ranks.items())}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LatencyTable:
+        fields = dict(data)
+        fields["input_shape"] = tuple(int(d) for d in fields["input_shape"])
+        fields["ranks"] = {int(r): float(t) for r, t in fields["ranks"].items()}
+        return cls(**fields)
+
+
+def table_key(
+    backend: str,
+    layer: str,
+    in_features: int,
+    out_features: int,
+    input_shape: Iterable[int],
+    dtype: str,
+    bias: bool,
+    torch_version: str,
+) -> str:
+    text = json.dumps(
+        [backend, layer, in_features, out_features, list(input_shape), dtype, bias, torch_version]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _table_path(key: str, directory: Path | None) -> Path:
+    return (directory or cache_dir("latency")) / f"{key}.json"
+
+
+def save_table(table: LatencyTable, directory: Path | None = None) -> Path:
+    """Write ``table`` to the cache (``directory`` overrides the cache location)."""
+    path = _table_path(table.key(), directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table.to_json(), indent=1))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a table
+    return path
+
+
+def load_table(key: str, directory: Path | None = None) -> LatencyTable | None:
+    """The cached table for ``key``, or None (missing or unreadable: it is measured again)."""
+    path = _table_path(key, directory)
+    try:
+        return LatencyTable.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def candidate_ranks(requested: int, step: int, *, min_fraction: float = 0.5) -> list[int]:
+    """Ranks to time: ``requested`` rounded down to the tile, then down by ``step``.
+
+    Ranks below ``min_fraction × requested`` are not timed: they would cost more accuracy
+    than the recipe asked for.
+
+    >>> candidate_ranks(192, 8, min_fraction=0.9)
+    [192, 184, 176]
+    >>> candidate_ranks(100, 8, min_fraction=0.9)
+    [96]
+    >>> candidate_ranks(5, 8)
+    [5]
+    """
+    top = requested - requested % step if requested >= step else requested
+    floor = max(1, int(requested * min_fraction))
+    ranks = [r for r in range(top, 0, -step) if r >= floor]
+    return ranks or [top]
+
+
+def choose_rank(table: LatencyTable, requested: int, step: int) -> int | None:
+    """The rank to use for one layer, or None when no factorization beats the dense layer.
+
+    Pure function of the table: ``requested`` is rounded down to a multiple of ``step``, then
+    :func:`surgery.lowrank.pick_rank_below_cliff` picks the rank just below the largest
+    latency cliff among the timed candidates (``ValueError`` if none was timed).
+
+    >>> t = LatencyTable("fake", "Linear", 64, 64, (4, 64), "float32", "x", dense=1.0,
+    ...                  ranks={32: 1.2, 24: 1.1})
+    >>> choose_rank(t, 32, 8) is None  # every factorization is slower: stay dense
+    True
+    """
+    top = requested - requested % step if requested >= step else requested
+    return pick_rank_below_cliff(table.ranks, table.dense, top, step if top >= step else top)
+
+
+class _Pair(nn.Sequential):
+    """The factorized layer as timed: ``Linear(in→r, no bias) → Linear(r→out)``.
+
+    Same two GEMMs as :class:`surgery.modules.LowRankLinear`; weights are random since
+    latency does not depend on their values.
+    """
+
+    def __init__(self, in_f: int, out_f: int, rank: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__(
+            nn.Linear(in_f, rank, bias=False, dtype=dtype),
+            nn.Linear(rank, out_f, bias=bias, dtype=dtype),
+        )
+
+
+def measure_linear(
+    backend: Backend,
+    in_features: int,
+    out_features: int,
+    input_shape: tuple[int, ...],
+    ranks: Iterable[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    warmup: int = 3,
+    repeats: int = 15,
+) -> LatencyTable:
+    """Time the dense layer and each factorization on ``backend`` (no cache).
+
+    All variants run in interleaved rounds (dense, r₁, r₂, … per round), so a change in
+    machine load hits every variant alike; each entry is a median over ``repeats`` rounds.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*input_shape, generator=gen).to(dtype)  # (..., in)
+    inputs = Inputs((x,), {})
+    variants: dict[int, nn.Module] = {
+        0: nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    }
+    for r in ranks:
+        variants[int(r)] = _Pair(in_features, out_features, int(r), bias, dtype)
+    runners: dict[int, Callable[[], None]] = {}
+    with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
+        for r, layer in variants.items():
+            lowered = backend.lower(layer.eval(), inputs, Path(tmp) / f"r{r}")
+            runners[r] = lowered.bind(inputs)
+        samples: dict[int, list[float]] = {r: [] for r in runners}
+        for _ in range(warmup):
+            for run in runners.values():
+                run()
+        for _ in range(repeats):
+            for r, run in runners.items():
+                start = time.perf_counter()
+                run()
+                samples[r].append(time.perf_counter() - start)
+    medians = {r: statistics.median(s) for r, s in samples.items()}
+    return LatencyTable(
+        backend=backend.name,
+        layer="Linear",
+        in_features=in_features,
+        out_features=out_features,
+        input_shape=tuple(input_shape),
+        dtype=str(dtype).removeprefix("torch."),
+        torch_version=torch.__version__,
+        dense=medians.pop(0),
+        ranks=medians,
+        bias=bias,
+        repeats=repeats,
+    )
+
+
+def latency_table(
+    backend: Backend,
+    in_features: int,
+    out_features: int,
+    input_shape: tuple[int, ...],
+    ranks: Iterable[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    warmup: int = 3,
+    repeats: int = 15,
+    directory: Path | None = None,
+    refresh: bool = False,
+) -> LatencyTable:
+    """The cached table when it covers ``ranks``, else a fresh measurement (then cached).
+
+    A table that lacks some ranks is measured again as a whole rather than patched: entries
+    timed minutes apart under different load are not comparable.
+    """
+    wanted = sorted({int(r) for r in ranks}, reverse=True)
+    key = table_key(
+        backend.name,
+        "Linear",
+        in_features,
+        out_features,
+        input_shape,
+        str(dtype).removeprefix("torch."),
+        bias,
+        torch.__version__,
+    )
+    cached = None if refresh else load_table(key, directory)
+    if cached is not None and all(r in cached.ranks for r in wanted):
+        return cached
+    if cached is not None:
+        wanted = sorted(set(wanted) | set(cached.ranks), reverse=True)
+    table = measure_linear(
+        backend,
+        in_features,
+        out_features,
+        input_shape,
+        wanted,
+        dtype=dtype,
+        bias=bias,
+        warmup=warmup,
+        repeats=repeats,
+    )
+    save_table(table, directory)
+    return table
+
+
+def _linear_facts(
+    model: nn.Module, analysis: Analysis, path: str
+) -> tuple[int, int, tuple[int, ...], torch.dtype, bool]:
+    info = analysis.modules.get(path)
+    if info is None:
+        raise ValueError(f"`{path}` is not a module of the analysed model")
+    if info.in_features is None or info.out_features is None or info.kernel is not None:
+        raise ValueError(f"`{path}` ({info.type}) is not a Linear-like layer")
+    if not info.input_shapes:
+        raise ValueError(f"`{path}` was never called on the example inputs: no input shape")
+    module = model.get_submodule(path)
+    weight = getattr(module, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+    bias = getattr(module, "bias", None) is not None
+    return info.in_features, info.out_features, tuple(info.input_shapes[0]), dtype, bias
+
+
+def _tables(
+    model: nn.Module,
+    analysis: Analysis,
+    paths: Iterable[str],
+    requested_ranks: Mapping[str, int],
+    backend: Backend,
+    step: int,
+    min_fraction: float,
+    repeats: int,
+    directory: Path | None,
+) -> dict[str, LatencyTable]:
+    available, why = backend.is_available()
+    if not available:
+        raise LoweringError(f"cannot time layers on {backend.name}: {why}")
+    # Layers of one shape (q/k/v/o of every block) share one measurement.
+    by_shape: dict[tuple[Any, ...], list[str]] = {}
+    for path in paths:
+        in_f, out_f, shape, dtype, bias = _linear_facts(model, analysis, path)
+        by_shape.setdefault((in_f, out_f, shape, dtype, bias), []).append(path)
+    tables: dict[str, LatencyTable] = {}
+    for (in_f, out_f, shape, dtype, bias), group in by_shape.items():
+        ranks: set[int] = set()
+        for path in group:
+            ranks.update(candidate_ranks(requested_ranks[path], step, min_fraction=min_fraction))
+        table = latency_table(
+            backend,
+            in_f,
+            out_f,
+            shape,
+            ranks,
+            dtype=dtype,
+            bias=bias,
+            repeats=repeats,
+            directory=directory,
+        )
+        for path in group:
+            tables[path] = table
+    return tables
+
+
+def keep_if_faster_ranks(
+    model: nn.Module,
+    analysis: Analysis,
+    paths: Iterable[str],
+    requested_ranks: Mapping[str, int],
+    backend: Backend,
+    *,
+    step: int | None = None,
+    min_fraction: float = 0.5,
+    repeats: int = 15,
+    directory: Path | None = None,
+) -> dict[str, int | None]:
+    """For ``decompose … keep if faster``: the rank to use per layer, None to stay dense.
+
+    ``paths`` are the Linear-like layers the decompose plan would factor and
+    ``requested_ranks[path]`` the rank it planned; ``backend`` is the recipe's first target
+    (e.g. ``surgery.backends.get_backend("onnx", "cpu")``). Each layer shape is timed once
+    (cached on disk); the choice per layer is :func:`choose_rank` with the target's tile
+    (``step``, default :func:`tile_for`). Raises ``ValueError`` for a path that is not a
+    Linear-like layer with a known input shape, ``LoweringError`` if the backend is
+    unavailable or cannot lower a layer.
+    """
+    step = step or tile_for(backend.name)
+    paths = list(paths)
+    tables = _tables(
+        model, analysis, paths, requested_ranks, backend, step, min_fraction, repeats, directory
+    )
+    return {p: choose_rank(tables[p], requested_ranks[p], step) for p in paths}
+
+
+def layer_speedups(
+    model: nn.Module,
+    analysis: Analysis,
+    paths: Iterable[str],
+    requested_ranks: Mapping[str, int],
+    backend: Backend,
+    *,
+    step: int | None = None,
+    repeats: int = 15,
+    directory: Path | None = None,
+) -> dict[str, float]:
+    """For ``where speedup > X``: dense latency ÷ factorized latency per layer, on ``backend``.
+
+    Measured at the requested rank rounded down to the tile (only that rank is timed).
+    """
+    step = step or tile_for(backend.name)
+    paths = list(paths)
+    # min_fraction=1 → only the top candidate (the rounded requested rank) is timed.
+    tables = _tables(
+        model, analysis, paths, requested_ranks, backend, step, 1.0, repeats, directory
+    )
+    return {
+        p: tables[p].speedup(candidate_ranks(requested_ranks[p], step, min_fraction=1.0)[0])
+        for p in paths
+    }

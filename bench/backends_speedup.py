@@ -1,0 +1,155 @@
+"""Realized end-to-end speedup ÷ FLOP-ideal speedup of decompose recipes, per backend.
+
+Models are built from configs with random weights (no downloads): BERT-base, GPT-2 small
+(``GPT2Model``, no LM head), ViT-B/16 and ResNet-50 (``transformers.ResNetModel``). Each is
+surgered with a decompose recipe via ``Manager(parse(recipe), model).run(measure=False)``,
+then :func:`surgery.backends.verify` lowers original and surgered model on each backend,
+checks numerics and times them interleaved. Per (model, backend) the JSON holds the
+FLOP-ideal speedup (FLOPs before / after at the benchmark shape, from
+``surgery.graph.analyze``), the measured speedup with its bootstrap 95% interval, and
+``efficiency = measured / ideal`` (goal ≥ 0.85 on CPU backends).
+
+Shapes: text batch 8 × 128 tokens; vision batch 2 × 224² (batch 8 ViT-B is ~3 s per forward
+on 2 cores, too slow to time repeatedly within the budget).
+
+TVM needs MetaSchedule tuning per workload (original and surgered differ), minutes per model
+on 2 cores, so it runs only when asked: ``--backends torch-cpu,onnx-cpu,tvm-llvm
+--tvm-trials 8``; the tuning database is cached (``~/.cache/surgery/tvm``).
+
+Run: ``python bench/backends_speedup.py`` (≈5–8 minutes on 2 idle cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+from surgery.backends import get_backend, verify
+from surgery.graph import analyze
+from surgery.inputs import Inputs, example_inputs
+from surgery.manager import Manager
+from surgery.parse import parse
+
+RECIPES = {
+    "bert-base": "decompose Linear rank = 0.25",
+    "gpt2": "decompose Conv1D rank = 0.25",
+    "vit-b": "decompose Linear rank = 0.25",
+    "resnet-50": "decompose Conv2d where kernel > 1 rank = 0.5 method tucker",
+}
+
+
+def build(name: str) -> nn.Module:
+    """The model with random weights (seeded); eager attention so every exporter sees one path."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "bert-base":
+        return tf.BertModel(tf.BertConfig(attn_implementation="eager")).eval()
+    if name == "gpt2":
+        return tf.GPT2Model(tf.GPT2Config(attn_implementation="eager")).eval()
+    if name == "vit-b":
+        return tf.ViTModel(tf.ViTConfig(attn_implementation="eager")).eval()
+    if name == "resnet-50":
+        model = tf.ResNetModel(tf.ResNetConfig()).eval()  # defaults are ResNet-50
+        model.example_inputs = (
+            torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)),
+        )
+        return model
+    raise ValueError(name)
+
+
+def bench_inputs(name: str, model: nn.Module) -> Inputs:
+    if name in ("bert-base", "gpt2"):
+        return example_inputs(model, batch=8, seq_len=128)
+    if name == "vit-b":
+        return example_inputs(model, batch=2)
+    return Inputs(model.example_inputs, {})
+
+
+def one_model(name: str, backends: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    model = build(name)
+    started = time.perf_counter()
+    run = Manager(parse(RECIPES[name]), model).run(measure=False)
+    surgery_s = time.perf_counter() - started
+    inputs = bench_inputs(name, model)
+    flops_before = analyze(run.original, inputs, trace=False).total_flops
+    flops_after = analyze(run.model, inputs, trace=False).total_flops
+    ideal = flops_before / max(flops_after, 1)
+    row: dict[str, Any] = {
+        "recipe": RECIPES[name],
+        "changed_layers": len(run.changes),
+        "params": [run.params_before, run.params_after],
+        "flops": [flops_before, flops_after],
+        "flop_ideal_speedup": round(ideal, 3),
+        "surgery_seconds": round(surgery_s, 1),
+        "backends": {},
+    }
+    for backend_name in backends:
+        family, device = backend_name.split("-", 1)
+        trials = args.tvm_trials if family == "tvm" else None
+        backend = get_backend(family, device, trials)
+        v = verify(
+            run.original, run.model, backend, inputs, warmup=args.warmup, repeats=args.repeats
+        )
+        entry: dict[str, Any] = {
+            "status": v.status,
+            "reason": v.reason or None,
+            "lowering_error": v.lowering_error,
+            "lower_seconds": round(v.lower_seconds, 1),
+            "text": str(v),
+        }
+        if v.speed is not None:
+            entry.update(
+                speedup=round(v.speed.speedup, 3),
+                ci=[round(v.speed.ci_low, 3), round(v.speed.ci_high, 3)],
+                ms=[round(v.speed.baseline_ms, 2), round(v.speed.candidate_ms, 2)],
+                efficiency=round(v.speed.speedup / ideal, 3),
+            )
+        row["backends"][backend_name] = entry
+        print(f"{name} {v}", file=sys.stderr, flush=True)  # progress; the JSON goes to stdout
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(RECIPES))
+    parser.add_argument("--backends", default="torch-cpu,onnx-cpu")
+    parser.add_argument("--tvm-trials", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "tvm_trials": args.tvm_trials},
+        "models": {},
+    }
+    backends = [b for b in args.backends.split(",") if b]
+    for name in args.models.split(","):
+        result["models"][name] = one_model(name, backends, args)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
