@@ -213,6 +213,7 @@ class Manager:
         self.progress = progress
         self.seed = seed
         self.max_heal_steps = max_heal_steps  # a cap for quick trial runs of a recipe
+        self.extra_targets: list[tuple[str, str | None, int | None]] = []  # e.g. from --target
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -262,6 +263,7 @@ class Manager:
         """
         from surgery.graph import analyze
 
+        self.extra_targets = list(targets or [])
         self._emit("preparing inputs", 0, 1)
         example, calibration = self._inputs()
         original = self.model
@@ -342,15 +344,7 @@ class Manager:
                 repeats=repeats,
                 progress=self.progress,
             )
-        specs = [
-            (
-                s.backend.value,
-                s.device.value if s.device else None,
-                s.trials.value if s.trials else None,
-            )
-            for s in self.recipe.statements
-            if isinstance(s, ast.Target)
-        ] + list(targets or [])
+        specs = self._targets()
         if measure and specs:
             from surgery.backends import run_targets
 
@@ -381,7 +375,20 @@ class Manager:
             original=original,
             strict=self.strict,
             progress=self.progress,
+            options={"targets": self._targets()},
         )
+
+    def _targets(self) -> list[tuple[str, str | None, int | None]]:
+        """(backend, device, trials) of the recipe's `target` statements, then the extra ones."""
+        return [
+            (
+                s.backend.value,
+                s.device.value if s.device else None,
+                s.trials.value if s.trials else None,
+            )
+            for s in self.recipe.statements
+            if isinstance(s, ast.Target)
+        ] + self.extra_targets
 
     def _run_pass(
         self,
@@ -555,7 +562,8 @@ class Manager:
 
             backend = stmt.on.value if stmt.on is not None else "torch"
             value = contract_value(run.verifications, backend)
-            if value is None and backend == "torch" and run.speed is not None:
+            torch_targets = [v for v in run.verifications if v.backend.startswith("torch-")]
+            if value is None and backend == "torch" and not torch_targets and run.speed:
                 value = (run.speed.speedup, (run.speed.ci_low, run.speed.ci_high))
             if value is None:
                 return Contract(

@@ -373,3 +373,17 @@ def test_demo_recipe_on_the_real_minilm(tmp_path: Path) -> None:
     ins = example_inputs(loaded)
     for a, b in zip(flatten_outputs(ins.call(run.model)), flatten_outputs(ins.call(again))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_keep_if_faster_times_each_layer_on_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    run = Manager(parse("decompose Linear rank = 32 keep if faster"), wide_mlp()).run(measure=False)
+    rows = [r for r in run.steps[0].plan.rows if r.path == "fc1"]  # fc2 is only 16 wide
+    assert rows and all(r.detail.get("measured_on") == "torch-cpu" for r in rows)
+    for row in rows:
+        if row.action == "skip":
+            assert "faster than dense on torch-cpu" in row.note or "saves no" in row.note
+        else:
+            assert row.detail["rank"] <= 32 and row.detail["rank"] % 8 == 0

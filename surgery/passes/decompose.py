@@ -361,6 +361,7 @@ class DecomposePass(SurgeryPass):
         "round": None,
         "progressive": None,
         "budget": None,
+        "keep_if_faster": None,
     }
 
     # --- statement accessors ------------------------------------------------------------
@@ -505,7 +506,7 @@ class DecomposePass(SurgeryPass):
 
         matrix = [c for c in candidates if c.kind != "tucker"]
         self._factor_matrices(model, context, matrix, plan)
-        self._choose_ranks(matrix, plan)
+        self._choose_ranks(model, matrix, plan)
         for cand in candidates:
             if cand.kind == "tucker":
                 self._plan_tucker(cand)
@@ -611,7 +612,34 @@ class DecomposePass(SurgeryPass):
             if context.progress is not None:
                 context.progress("factorizing", i + 1, len(cands))
 
-    def _choose_ranks(self, cands: list[_Candidate], plan: StepPlan) -> None:
+    def _faster_rank(
+        self, model: nn.Module, cand: _Candidate, requested: int
+    ) -> tuple[int | None, str]:
+        """``keep if faster``: the rank just below the latency cliff on the recipe's first
+        target (torch CPU when it names none), or None when no rank beats the dense layer.
+
+        Each layer shape is timed alone at its real input shape; the tables are cached on
+        disk, and the choice is a pure function of the table (`surgery.backends.latency`).
+        """
+        from surgery.backends import LoweringError, get_backend
+        from surgery.backends.latency import keep_if_faster_ranks
+
+        assert self.context is not None
+        targets = self.context.options.get("targets") or [("torch", "cpu", None)]
+        backend = get_backend(*targets[0])
+        try:
+            chosen = keep_if_faster_ranks(
+                model, self.context.analysis, [cand.path], {cand.path: requested}, backend
+            )
+        except (LoweringError, ValueError) as exc:
+            raise self._error(
+                f"`keep if faster` cannot time `{cand.path}` on {backend.name}: {exc}",
+                self.statement.keep_if_faster,
+                help="remove `keep if faster`, or choose a target that is available here",
+            ) from exc
+        return chosen[cand.path], backend.name
+
+    def _choose_ranks(self, model: nn.Module, cands: list[_Candidate], plan: StepPlan) -> None:
         stmt: ast.Decompose = self.statement
         live = [c for c in cands if c.row.action != "skip" and c.full is not None]
         if stmt.budget is not None:
@@ -641,6 +669,19 @@ class DecomposePass(SurgeryPass):
                     f"rank {target} saves no parameters (break-even {be})",
                 )
                 continue
+            if stmt.keep_if_faster is not None:
+                chosen, where = self._faster_rank(model, cand, target)
+                row.detail["measured_on"] = where
+                if chosen is None:
+                    row.detail["rank"] = target
+                    row.action, row.note = (
+                        "skip",
+                        f"no rank ≤ {target} is faster than dense on {where}",
+                    )
+                    continue
+                if chosen != target:
+                    row.detail["requested_rank"] = target
+                target = chosen
             rank = target
             if self._steps > 1:
                 schedule = progressive_schedule(be, target, self._steps, self._multiple)
@@ -701,6 +742,12 @@ class DecomposePass(SurgeryPass):
 
     def _plan_tucker(self, cand: _Candidate) -> None:
         stmt: ast.Decompose = self.statement
+        if stmt.keep_if_faster is not None:
+            raise self._error(
+                f"`keep if faster` times matrix layers only; `{cand.path}` is a Tucker convolution",
+                stmt.keep_if_faster,
+                help="select Linear/Conv1D/1×1 layers, or drop `keep if faster` for convolutions",
+            )
         module = cand.module
         assert isinstance(module, nn.Conv2d)
         row = cand.row
