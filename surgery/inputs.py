@@ -214,7 +214,12 @@ def _vision_inputs(model: nn.Module, config: Any, batch: int, gen: torch.Generat
     size = config.image_size
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     c = int(config.num_channels)
-    pixels = torch.randn(batch, c, h, w, generator=gen).to(_float_dtype(model))  # (B, C, H, W)
+    frames = getattr(config, "num_frames", None)
+    if frames:  # video models (VideoMAE, ViViT, ...): (B, T, C, H, W)
+        shape: tuple[int, ...] = (batch, int(frames), c, h, w)
+    else:  # (B, C, H, W)
+        shape = (batch, c, h, w)
+    pixels = torch.randn(*shape, generator=gen).to(_float_dtype(model))
     return Inputs((), {"pixel_values": pixels})
 
 

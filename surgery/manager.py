@@ -270,8 +270,14 @@ class Manager:
         was_training = original.training
         original.eval()
         self._emit("analysing the model", 0, 1)
+        try:
+            reference = example.call(original)
+        except Exception as exc:  # the model itself, before any surgery, rejects the inputs
+            raise InputError(
+                f"the model does not run on its example inputs ({_first_line(exc)}); give "
+                "inputs it accepts with `calibrate with FILE` (a tensor file of real inputs)"
+            ) from exc
         before = analyze(original, example)
-        reference = example.call(original)
         ref_shapes = [tuple(t.shape) for t in flatten_outputs(reference)]
 
         model = copy.deepcopy(original)

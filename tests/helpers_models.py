@@ -10,6 +10,7 @@ __all__ = [
     "Untraceable",
     "WideMLP",
     "broken_factory",
+    "mismatched_mlp",
     "tiny_bert",
     "tiny_gpt2",
     "tiny_llama",
@@ -143,3 +144,10 @@ def wide_mlp() -> nn.Module:
     """Factory for ``--arch tests.helpers_models:wide_mlp`` (seeded weights)."""
     torch.manual_seed(0)
     return WideMLP()
+
+
+def mismatched_mlp() -> nn.Module:
+    """A WideMLP whose ``example_inputs`` have the wrong width (64 expected, 10 given)."""
+    model = wide_mlp()
+    model.example_inputs = (torch.zeros(2, 10),)
+    return model

@@ -387,3 +387,17 @@ def test_keep_if_faster_times_each_layer_on_the_target(
             assert "faster than dense on torch-cpu" in row.note or "saves no" in row.note
         else:
             assert row.detail["rank"] <= 32 and row.detail["rank"] % 8 == 0
+
+
+def test_a_model_that_rejects_its_example_inputs_is_a_user_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "mlp.safetensors"
+    save_file(wide_mlp().state_dict(), weights)
+    recipe = tmp_path / "r.surg"
+    recipe.write_text("decompose Linear rank = 8\n")
+    res = cli(
+        "plan", str(recipe), str(weights), "--arch", "tests.helpers_models:mismatched_mlp", "-q"
+    )
+    assert res.returncode == 2, res.stderr
+    assert "does not run on its example inputs" in res.stderr and "Traceback" not in res.stderr
