@@ -387,8 +387,9 @@ def test_checker_knows_the_implemented_options() -> None:
     ok = "decompose Linear budget flops 50% method svd-llm round 8 progressive 2 steps"
     assert check(parse(ok)) == []
     assert check(parse("decompose Conv1D rank = energy 0.9 method asvd")) == []
-    diags = check(parse("decompose Linear rank = 0.25 keep if faster"))
-    assert len(diags) == 1 and "keep if faster" in diags[0].message
+    assert check(parse("decompose Linear rank = 0.25 keep if faster")) == []
+    diags = check(parse("decompose Linear where speedup > 1.2 rank = 0.25"))
+    assert len(diags) == 1 and "where speedup" in diags[0].message
     assert "not implemented" in diags[0].message
 
 
