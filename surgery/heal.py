@@ -60,7 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from surgery import ast
-from surgery.inputs import Inputs, flatten_outputs
+from surgery.inputs import Inputs
+from surgery.metrics import float_outputs, padding_mask, squared_error
 from surgery.passes.base import PassContext, TrainingHook
 
 __all__ = ["DEFAULT_LR", "HEAL_SUPPORT", "HealReport", "frozen_names", "heal"]
@@ -149,30 +150,9 @@ def frozen_names(model: nn.Module, freeze: str | None, phase: int = 0) -> set[st
     raise ValueError(f"unknown freeze `{freeze}`: expected first-factor, core or alternate")
 
 
-def _masks(batch: Inputs) -> Tensor | None:
-    mask = batch.kwargs.get("attention_mask")
-    return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-
-
-def _float_outputs(out: Any) -> list[Tensor]:
-    return [t for t in flatten_outputs(out) if t.is_floating_point()]
-
-
-def _sq_error(student: list[Tensor], teacher: list[Tensor], mask: Tensor | None) -> Tensor:
-    """``Σ‖s − t‖²`` over all output tensors, masked at padded ``[B, T, …]`` positions."""
-    total = torch.zeros((), dtype=torch.float64)
-    for s, t in zip(student, teacher, strict=True):
-        diff = (s.to(torch.float64) - t.to(torch.float64)).square()
-        if mask is not None and diff.dim() >= 2 and tuple(diff.shape[:2]) == tuple(mask.shape):
-            w = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - 2)))
-            diff = diff * w
-        total = total + diff.sum()
-    return total
-
-
 def _sq_norm(teacher: list[Tensor], mask: Tensor | None) -> float:
     zeros = [torch.zeros_like(t) for t in teacher]
-    return float(_sq_error(teacher, zeros, mask))
+    return float(squared_error(teacher, zeros, mask))
 
 
 def heal(
@@ -201,9 +181,9 @@ def heal(
 
     teacher_was_training = teacher.training
     teacher.eval()
-    targets = [_float_outputs(b.call(teacher)) for b in batches]  # cached once, no grad
+    targets = [float_outputs(b.call(teacher)) for b in batches]  # cached once, no grad
     teacher.train(teacher_was_training)
-    masks = [_masks(b) for b in batches]
+    masks = [padding_mask(b) for b in batches]
     scales = [max(_sq_norm(t, m), 1e-30) for t, m in zip(targets, masks, strict=True)]
 
     named = dict(model.named_parameters())
@@ -223,7 +203,7 @@ def heal(
             p.requires_grad_(n in allowed and n not in fixed)
 
     def outputs_of(i: int) -> list[Tensor]:
-        return _float_outputs(batches[i].call(model))
+        return float_outputs(batches[i].call(model))
 
     report = HealReport(
         steps=steps,
@@ -249,8 +229,8 @@ def heal(
                 cursor = itertools.cycle(order)
             i = next(cursor)
             with torch.enable_grad():
-                out = _float_outputs(model(*batches[i].args, **batches[i].kwargs))
-                loss = _sq_error(out, targets[i], masks[i]) / scales[i]
+                out = float_outputs(model(*batches[i].args, **batches[i].kwargs))
+                loss = squared_error(out, targets[i], masks[i]) / scales[i]
                 total = loss
                 for h in hooks:
                     extra = h.loss(model)
@@ -280,7 +260,8 @@ def _rescore(
     """Top ``⌈keep·N⌉`` batches by the change of the student's outputs since the last scoring."""
     current = [outputs_of(i) for i in range(len(previous))]
     scores = [
-        float(_sq_error(c, p, None)) / s for c, p, s in zip(current, previous, scales, strict=True)
+        float(squared_error(c, p, None)) / s
+        for c, p, s in zip(current, previous, scales, strict=True)
     ]
     n = max(1, math.ceil(keep * len(scores)))
     top = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:n]

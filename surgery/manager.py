@@ -27,7 +27,6 @@ checked at the end).
 from __future__ import annotations
 
 import copy
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from surgery.facts import Analysis
 from surgery.heal import HEAL_SUPPORT
 from surgery.inputs import InputError, Inputs, calibration_inputs, example_inputs, flatten_outputs
 from surgery.load import LoadedModel
+from surgery.metrics import drift, padding_mask
 from surgery.passes import (
     PASSES,
     Change,
@@ -70,24 +70,6 @@ MANAGER_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] =
 }
 
 Progress = Callable[[str, int, int], None]
-
-
-def drift(reference: list[Any], candidate: list[Any]) -> float:
-    """Relative output error ``‖y − y₀‖ / ‖y₀‖`` over all floating outputs of several calls.
-
-    >>> drift([torch.ones(4)], [torch.ones(4) * 1.1])
-    0.1000...
-    """
-    num = 0.0
-    den = 0.0
-    for ref_out, cand_out in zip(reference, candidate):
-        for r, c in zip(flatten_outputs(ref_out), flatten_outputs(cand_out)):
-            if not r.is_floating_point():
-                continue
-            r64, c64 = r.detach().double(), c.detach().double()
-            num += float((c64 - r64).square().sum())
-            den += float(r64.square().sum())
-    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
 @dataclass
@@ -339,7 +321,7 @@ class Manager:
             refs.append(batch.call(original))
             cands.append(batch.call(model))
             self._emit("measuring drift", i + 1, len(calibration))
-        run.drift = drift(refs, cands)
+        run.drift = drift(refs, cands, [padding_mask(b) for b in calibration])
         if measure:
             timing_inputs = calibration[0] if calibration else example
             run.speed = measure_speedup(
@@ -369,7 +351,8 @@ class Manager:
         run: Run, member: int, model: nn.Module, example: Inputs, reference: Any
     ) -> None:
         """Keep a copy of one member of a progressive family, with its drift."""
-        run.family.append((member, copy.deepcopy(model), drift([reference], [example.call(model)])))
+        member_drift = drift([reference], [example.call(model)], [padding_mask(example)])
+        run.family.append((member, copy.deepcopy(model), member_drift))
 
     def _context(
         self, state: _State, example: Inputs, calibration: list[Inputs], original: nn.Module
@@ -541,7 +524,7 @@ class Manager:
                     help="the model was left unchanged by this statement",
                 )
             )
-        return drift([reference], [out])
+        return drift([reference], [out], [padding_mask(example)])
 
     def _contract(self, stmt: ast.Expect, run: Run) -> Contract:
         from surgery.fmt import format_statement

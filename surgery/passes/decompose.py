@@ -933,9 +933,12 @@ class DecomposePass(SurgeryPass):
         context = self.context
         if context is None or context.example is None or context.original is None:
             return
-        from surgery.manager import drift
+        from surgery.metrics import drift, padding_mask
 
-        value = drift([context.example.call(context.original)], [context.example.call(model)])
+        example = context.example
+        value = drift(
+            [example.call(context.original)], [example.call(model)], [padding_mask(example)]
+        )
         for row in plan.changed_rows:
             row.detail["member_drift"] = round(value, 6)
 
