@@ -79,7 +79,7 @@ class Step:
     statement: Any
     plan: StepPlan
     changes: list[Change]
-    drift: float | None  # on the example inputs, after this step
+    drift: float | None  # on the first calibration batch, after this step
     seconds: float
     params: int  # of the whole model after this step
     family_member: int | None = None  # progressive step index, when the pass builds a family
@@ -196,6 +196,7 @@ class Manager:
         self.seed = seed
         self.max_heal_steps = max_heal_steps  # a cap for quick trial runs of a recipe
         self.extra_targets: list[tuple[str, str | None, int | None]] = []  # e.g. from --target
+        self._probe: tuple[Inputs, Any] = (Inputs(), None)  # set by run(): (batch, outputs)
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -261,6 +262,10 @@ class Manager:
             ) from exc
         before = analyze(original, example)
         ref_shapes = [tuple(t.shape) for t in flatten_outputs(reference)]
+        # Drift after each step is measured on real data when there is some: the first
+        # calibration batch (the example inputs are random token ids or pixels).
+        probe = calibration[0] if calibration else example
+        self._probe = (probe, probe.call(original))
 
         model = copy.deepcopy(original)
         run = Run(
@@ -286,7 +291,7 @@ class Manager:
             if stmt.verb == "heal":
                 self._heal(stmt, state, run, example, calibration, original)
                 if pending_member is not None:
-                    self._add_member(run, pending_member, state.model, example, reference)
+                    self._add_member(run, pending_member, state.model)
                     pending_member = None
                 continue
             later = statements[statements.index(stmt) + 1 :]
@@ -302,11 +307,11 @@ class Manager:
                 if member < members:
                     if later_heal is not None:
                         self._heal(later_heal, state, run, example, calibration, original)
-                    self._add_member(run, member, state.model, example, reference)
+                    self._add_member(run, member, state.model)
                 elif heal_next:
                     pending_member = member
                 else:
-                    self._add_member(run, member, state.model, example, reference)
+                    self._add_member(run, member, state.model)
         model = state.model
         analysis = state.analysis
         self._emit("passes done", len(work), len(work))
@@ -346,13 +351,14 @@ class Manager:
         ]
         return run
 
-    @staticmethod
-    def _add_member(
-        run: Run, member: int, model: nn.Module, example: Inputs, reference: Any
-    ) -> None:
+    def _probe_drift(self, model: nn.Module) -> float:
+        """Drift of ``model`` on the probe batch (see `run`)."""
+        batch, reference = self._probe
+        return drift([reference], [batch.call(model)], [padding_mask(batch)])
+
+    def _add_member(self, run: Run, member: int, model: nn.Module) -> None:
         """Keep a copy of one member of a progressive family, with its drift."""
-        member_drift = drift([reference], [example.call(model)], [padding_mask(example)])
-        run.family.append((member, copy.deepcopy(model), member_drift))
+        run.family.append((member, copy.deepcopy(model), self._probe_drift(model)))
 
     def _context(
         self, state: _State, example: Inputs, calibration: list[Inputs], original: nn.Module
@@ -524,7 +530,7 @@ class Manager:
                     help="the model was left unchanged by this statement",
                 )
             )
-        return drift([reference], [out], [padding_mask(example)])
+        return self._probe_drift(model)
 
     def _contract(self, stmt: ast.Expect, run: Run) -> Contract:
         from surgery.fmt import format_statement

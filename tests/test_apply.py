@@ -371,8 +371,10 @@ def test_demo_recipe_on_the_real_minilm(tmp_path: Path) -> None:
     ).run(measure=False)
     again = surgery.load(out)
     ins = example_inputs(loaded)
+    # Healing trains in both runs: the same seed and data give the same model up to
+    # floating-point reduction order.
     for a, b in zip(flatten_outputs(ins.call(run.model)), flatten_outputs(ins.call(again))):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_keep_if_faster_times_each_layer_on_the_target(
