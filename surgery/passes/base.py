@@ -222,6 +222,17 @@ class SurgeryPass(PassBase):
             detail=detail,
         )
 
+    def moved(self, path: str, what: str) -> PassError:
+        """The error for a planned module that is no longer what the plan expected."""
+        return PassError(
+            Diagnostic(
+                code="S0401",
+                message=f"`{path}` is no longer a `{what}`",
+                span=self.statement.span,
+                help="an earlier statement replaced it; reorder the recipe",
+            )
+        )
+
     def ensure_context(self, model: nn.Module) -> PassContext:
         """The context given at construction, or a static one built from ``model``."""
         if self.context is None:

@@ -887,7 +887,7 @@ class DecomposePass(SurgeryPass):
             new: nn.Module
             if row.path in tucker:
                 if not isinstance(old, nn.Conv2d):
-                    raise self._moved(row.path, "Conv2d")
+                    raise self.moved(row.path, "Conv2d")
                 r_out, r_in = tucker[row.path]
                 new = TuckerConv2d.from_conv(old, rank_out=r_out, rank_in=r_in)
                 new.train(old.training)
@@ -902,7 +902,7 @@ class DecomposePass(SurgeryPass):
                 ):
                     new = lowrank_linear_from(old, f)
                 else:
-                    raise self._moved(row.path, "Linear")
+                    raise self.moved(row.path, "Linear")
                 if row.path in schedules:
                     setattr(
                         new,
@@ -917,16 +917,6 @@ class DecomposePass(SurgeryPass):
         if self._steps > 1 and changes:
             self._member_drift(model, plan)
         return changes
-
-    def _moved(self, path: str, what: str) -> PassError:
-        return PassError(
-            Diagnostic(
-                code="S0401",
-                message=f"`{path}` is no longer a `{what}`",
-                span=self.statement.span,
-                help="an earlier statement replaced it; reorder the recipe",
-            )
-        )
 
     def _member_drift(self, model: nn.Module, plan: StepPlan) -> None:
         """Relative output error of this member against the original, before any healing."""

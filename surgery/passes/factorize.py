@@ -136,14 +136,7 @@ class FactorizePass(SurgeryPass):
         for row in plan.changed_rows:
             linear = model.get_submodule(row.path)
             if not isinstance(linear, nn.Linear):
-                raise PassError(
-                    Diagnostic(
-                        code="S0401",
-                        message=f"`{row.path}` is no longer a `Linear`",
-                        span=self.statement.span,
-                        help="an earlier statement replaced it; reorder the recipe",
-                    )
-                )
+                raise self.moved(row.path, "Linear")
             new = DenseSparseLinear.from_linear(linear, row.detail["basis"], row.detail["nonzeros"])
             model.set_submodule(row.path, new)
             detail = dict(row.detail)

@@ -159,14 +159,7 @@ class SparsifyPass(SurgeryPass):
         for row in plan.changed_rows:
             linear = model.get_submodule(row.path)
             if not isinstance(linear, nn.Linear):
-                raise PassError(
-                    Diagnostic(
-                        code="S0401",
-                        message=f"`{row.path}` is no longer a `Linear`",
-                        span=self.statement.span,
-                        help="an earlier statement replaced it; reorder the recipe",
-                    )
-                )
+                raise self.moved(row.path, "Linear")
             new = SparseLinear.from_linear(
                 linear, row.detail["n"], row.detail["m"], input_norm=norms.get(row.path)
             )

@@ -274,14 +274,7 @@ class SplitPass(SurgeryPass):
         for row in plan.changed_rows:
             conv = model.get_submodule(row.path)
             if not isinstance(conv, nn.Conv3d):
-                raise PassError(
-                    Diagnostic(
-                        code="S0401",
-                        message=f"`{row.path}` is no longer a `Conv3d`",
-                        span=self.statement.span,
-                        help="an earlier statement replaced it; reorder the recipe",
-                    )
-                )
+                raise self.moved(row.path, "Conv3d")
             new: nn.Module
             if row.detail["mode"] == "exact":
                 new = Conv3dAs2d.from_conv(conv)
