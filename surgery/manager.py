@@ -317,8 +317,7 @@ class Manager:
         self._emit("passes done", len(work), len(work))
         run.model = model
         run.after = analysis if run.steps else before
-        model.train(was_training)
-        model.eval()
+        model.eval()  # measured and saved in inference mode; the original gets its mode back
 
         self._emit("measuring drift", 0, len(calibration))
         refs, cands = [], []
