@@ -17,7 +17,7 @@ module path (``name ~ "encoder.*"``, a shell-style glob matched against the whol
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
@@ -25,7 +25,7 @@ from surgery import ast
 from surgery.diagnostics import nearest
 from surgery.facts import Analysis, ModuleInfo
 
-__all__ = ["SelectorError", "evaluate", "nearest_paths", "select", "type_names"]
+__all__ = ["SelectorError", "evaluate", "nearest_paths", "select", "type_names", "uses_speedup"]
 
 _FIELDS = ("params", "flops", "in_features", "out_features", "kernel", "block", "speedup")
 
@@ -57,23 +57,43 @@ def _compare(lhs: float, op: str, rhs: float) -> bool:
     return lhs != rhs
 
 
-def evaluate(predicate: ast.Predicate, info: ModuleInfo) -> bool:
-    """Whether ``info`` satisfies ``predicate``; a fact a module lacks (None) never matches."""
+def evaluate(
+    predicate: ast.Predicate, info: ModuleInfo, speedups: Mapping[str, float] | None = None
+) -> bool:
+    """Whether ``info`` satisfies ``predicate``; a fact a module lacks (None) never matches.
+
+    ``speedups`` holds the measured speedup of each module that can be timed (see
+    `surgery.backends.latency.layer_speedups`); ``speedup`` predicates need it.
+    """
     if isinstance(predicate, ast.Match):
         return fnmatch.fnmatchcase(info.path, predicate.pattern.value)
     if isinstance(predicate, ast.And):
-        return all(evaluate(p, info) for p in predicate.items)
+        return all(evaluate(p, info, speedups) for p in predicate.items)
     if isinstance(predicate, ast.Or):
-        return any(evaluate(p, info) for p in predicate.items)
+        return any(evaluate(p, info, speedups) for p in predicate.items)
     if isinstance(predicate, ast.Not):
-        return not evaluate(predicate.item, info)
+        return not evaluate(predicate.item, info, speedups)
     field = predicate.field.value
     if field == "speedup":
-        raise SelectorError("`speedup` predicates need a measuring backend")
+        if speedups is None:
+            raise SelectorError("`speedup` predicates need a measuring backend")
+        measured = speedups.get(info.path)
+        return measured is not None and _compare(measured, predicate.op, predicate.value.magnitude)
     value = getattr(info, field)
     if value is None:
         return False
     return _compare(float(value), predicate.op, predicate.value.magnitude)
+
+
+def uses_speedup(predicate: ast.Predicate | None) -> bool:
+    """Whether ``predicate`` compares the measured ``speedup`` anywhere."""
+    if predicate is None or isinstance(predicate, ast.Match):
+        return False
+    if isinstance(predicate, ast.And | ast.Or):
+        return any(uses_speedup(p) for p in predicate.items)
+    if isinstance(predicate, ast.Not):
+        return uses_speedup(predicate.item)
+    return predicate.field.value == "speedup"
 
 
 def select(
@@ -82,10 +102,12 @@ def select(
     selector: ast.Selector,
     *,
     types: Iterable[str] | None = None,
+    speedups: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Paths of the modules ``selector`` matches, in model order.
 
-    ``types`` restricts a selector without a type to the module types a pass handles.
+    ``types`` restricts a selector without a type to the module types a pass handles;
+    ``speedups`` are the measured facts ``speedup`` predicates compare.
     """
     wanted = {selector.type.value} if selector.type is not None else set(types or ())
     modules = dict(model.named_modules())
@@ -98,7 +120,7 @@ def select(
         # unflattened into `InterpreterModule`s), so both names count.
         if wanted and not ((type_names(module) | {info.type}) & wanted):
             continue
-        if selector.where is not None and not evaluate(selector.where, info):
+        if selector.where is not None and not evaluate(selector.where, info, speedups):
             continue
         matched.append(path)
     return matched

@@ -403,3 +403,29 @@ def test_a_model_that_rejects_its_example_inputs_is_a_user_error(tmp_path: Path)
     )
     assert res.returncode == 2, res.stderr
     assert "does not run on its example inputs" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_where_speedup_selects_by_measured_layer_speed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from surgery.backends import get_backend
+    from surgery.backends.latency import layer_speedups
+    from surgery.graph import analyze
+    from surgery.inputs import Inputs
+
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    model = wide_mlp()
+    analysis = analyze(model, Inputs(args=model.example_inputs))
+    measured = layer_speedups(model, analysis, ["fc1"], {"fc1": 8}, get_backend("torch", "cpu"))
+    # The same cached table decides the selector: above the measured speed nothing matches,
+    # below it the layer is decomposed.
+    low, high = measured["fc1"] * 0.5, measured["fc1"] * 2
+    run = Manager(
+        parse(f'decompose Linear where name ~ "fc1" and speedup > {low:.4f} rank = 8'), model
+    ).run(measure=False)
+    assert [c.path for c in run.changes] == ["fc1"]
+    run = Manager(parse(f"decompose Linear where speedup > {high:.4f} rank = 8"), model).run(
+        measure=False
+    )
+    assert not run.changes
+    assert any(w.code == "S0301" for w in run.warnings)

@@ -388,7 +388,8 @@ def test_checker_knows_the_implemented_options() -> None:
     assert check(parse(ok)) == []
     assert check(parse("decompose Conv1D rank = energy 0.9 method asvd")) == []
     assert check(parse("decompose Linear rank = 0.25 keep if faster")) == []
-    diags = check(parse("decompose Linear where speedup > 1.2 rank = 0.25"))
+    assert check(parse("decompose Linear where speedup > 1.2 rank = 0.25")) == []
+    diags = check(parse("sparsify Linear where speedup > 1.2 2:4"))
     assert len(diags) == 1 and "where speedup" in diags[0].message
     assert "not implemented" in diags[0].message
 

@@ -94,7 +94,7 @@ from surgery.modules import LowRankLinear
 from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.passes.base import Change, PassContext, PassError, PlanRow, StepPlan, SurgeryPass
-from surgery.select import select, type_names
+from surgery.select import select, type_names, uses_speedup
 
 __all__ = [
     "ASVD_ALPHA",
@@ -362,6 +362,7 @@ class DecomposePass(SurgeryPass):
         "progressive": None,
         "budget": None,
         "keep_if_faster": None,
+        "where speedup": None,
     }
 
     # --- statement accessors ------------------------------------------------------------
@@ -441,7 +442,10 @@ class DecomposePass(SurgeryPass):
         analysis = context.analysis
         plan = self.new_plan()
         modules = dict(model.named_modules())
-        paths = select(model, analysis, stmt.selector, types=self.supported_types)
+        speedups = self._speedups(model, context) if uses_speedup(stmt.selector.where) else None
+        paths = select(
+            model, analysis, stmt.selector, types=self.supported_types, speedups=speedups
+        )
         measured = analysis.total_flops > 0
         inside_factors = {
             f"{p}.{child}" if p else child
@@ -611,6 +615,51 @@ class DecomposePass(SurgeryPass):
             cand.full = _truncate(f, min(keep, full))
             if context.progress is not None:
                 context.progress("factorizing", i + 1, len(cands))
+
+    def _speedups(self, model: nn.Module, context: PassContext) -> dict[str, float]:
+        """``where speedup > X``: each matrix layer of the selector's type timed alone on the
+        recipe's first target (torch CPU when it names none), at the requested rank rounded
+        to the target's tile. Layers that cannot be timed have no speedup and never match."""
+        from surgery.backends import LoweringError, get_backend
+        from surgery.backends.latency import layer_speedups
+
+        stmt: ast.Decompose = self.statement
+        rank = stmt.rank
+        if rank is None or rank.kind == "energy":
+            raise self._error(
+                "`where speedup` times each layer at its requested rank: give a fraction or an "
+                "absolute `rank`",
+                stmt.selector,
+            )
+        wanted = {stmt.selector.type.value} if stmt.selector.type else set(self.supported_types)
+        modules = dict(model.named_modules())
+        requested: dict[str, int] = {}
+        for path, info in context.analysis.modules.items():
+            module = modules.get(path)
+            if (
+                module is None
+                or info.kernel is not None
+                or not info.input_shapes
+                or info.in_features is None
+                or info.out_features is None
+                or not ({info.type} | type_names(module)) & wanted
+            ):
+                continue
+            full = min(info.in_features, info.out_features)
+            r = (
+                rank_from_fraction(info.in_features, info.out_features, rank.value.magnitude)
+                if rank.kind == "fraction"
+                else min(int(rank.value.magnitude), full)
+            )
+            requested[path] = max(1, r)
+        targets = context.options.get("targets") or [("torch", "cpu", None)]
+        backend = get_backend(*targets[0])
+        try:
+            return layer_speedups(model, context.analysis, list(requested), requested, backend)
+        except (LoweringError, ValueError) as exc:
+            raise self._error(
+                f"`where speedup` cannot time layers on {backend.name}: {exc}", stmt.selector
+            ) from exc
 
     def _faster_rank(
         self, model: nn.Module, cand: _Candidate, requested: int
