@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from surgery.diagnostics import first_line
 from surgery.inputs import Inputs, flatten_outputs
 
 __all__ = [
@@ -52,12 +53,6 @@ class LoweringError(Exception):
 
 class BackendUnavailable(LoweringError):
     """The backend's package or device is missing here; the message says which and how to add it."""
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """First line of an exception message (exporter errors run to pages)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:limit]
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from surgery.ast import Span
 __all__ = [
     "Diagnostic",
     "DiagnosticError",
+    "first_line",
     "nearest",
     "render",
     "render_all",
@@ -70,6 +71,16 @@ class DiagnosticError(Exception):
         self.diagnostics = sorted(diagnostics, key=Diagnostic.sort_key)
         first = self.diagnostics[0] if self.diagnostics else None
         super().__init__(first.message if first else "error")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-blank line of an exception's message (library errors run to pages).
+
+    >>> first_line(ValueError("\\n  shape mismatch  \\n  at layer 3"))
+    'shape mismatch'
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
 def span_of(source: str, start: int, end: int) -> Span:

@@ -61,6 +61,7 @@ import networkx as nx
 import torch
 from torch import nn
 
+from surgery.diagnostics import first_line
 from surgery.facts import Analysis, BlockInfo, ModuleInfo
 from surgery.inputs import Inputs, flatten_outputs
 
@@ -488,11 +489,6 @@ def kind_view(graph: nx.DiGraph, kind: str) -> nx.DiGraph:
     return nx.subgraph_view(graph, filter_edge=keep)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0].strip() if lines else type(exc).__name__)[:200]
-
-
 def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = True) -> Analysis:
     """Measure ``model`` (on ``inputs`` if given) and build its dependency graph."""
     named = [(p, m) for p, m in model.named_modules() if p]
@@ -523,7 +519,7 @@ def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = Tru
         except Exception as exc:  # a model that cannot run still gets its static facts
             ran = False  # exporting would fail the same way, only more noisily
             warn.append(
-                f"could not run {type(model).__name__} on the inputs ({_first_line(exc)}): "
+                f"could not run {type(model).__name__} on the inputs ({first_line(exc, 200)}): "
                 "no shapes or FLOPs"
             )
     g = nx.DiGraph()
@@ -541,7 +537,7 @@ def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = Tru
         except Exception as exc:  # untraceable models degrade to module-level facts
             data = set()
             warn.append(
-                f"could not trace {type(model).__name__} with torch.export ({_first_line(exc)}): "
+                f"could not trace {type(model).__name__} with torch.export ({first_line(exc, 200)}): "
                 "using module-level analysis"
             )
         for u, v in data:

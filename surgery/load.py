@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.diagnostics import first_line
+
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "rebuild_base", "save_base_files"]
 
 # Files that make a saved directory still usable as a model directory (tokenizers, image
@@ -120,11 +122,6 @@ def _offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def _fail(
     message: str, help: str | None = None, cause: BaseException | None = None
 ) -> ModelLoadError:
@@ -161,7 +158,7 @@ def load_model(
     except ModelLoadError:
         raise
     except Exception as exc:  # bad input must never surface as a raw traceback
-        raise _fail(f"could not load `{p}`: {_first_line(exc)}", cause=exc) from exc
+        raise _fail(f"could not load `{p}`: {first_line(exc)}", cause=exc) from exc
     loaded.model.eval()
     return loaded
 
@@ -193,7 +190,7 @@ def _load_hf(d: Path) -> LoadedModel:
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise _fail(f"cannot read `{cfg_file}`: {_first_line(exc)}", cause=exc) from exc
+        raise _fail(f"cannot read `{cfg_file}`: {first_line(exc)}", cause=exc) from exc
     archs = raw.get("architectures") if isinstance(raw, dict) else None
     class_name = archs[0] if isinstance(archs, list) and archs else None
     cls = _hf_class(class_name)
@@ -202,7 +199,7 @@ def _load_hf(d: Path) -> LoadedModel:
             model = cls.from_pretrained(str(d), local_files_only=True, attn_implementation="eager")
     except Exception as exc:
         raise _fail(
-            f"could not load the Hugging Face model in `{d}`: {_first_line(exc)}", cause=exc
+            f"could not load the Hugging Face model in `{d}`: {first_line(exc)}", cause=exc
         ) from exc
     config = model.config
     base = {"kind": "hf", "config": _jsonable(config.to_dict()), "class": type(model).__name__}
@@ -225,7 +222,7 @@ def _load_export(p: Path) -> LoadedModel:
         model = torch.export.unflatten(ep)
     except Exception as exc:
         raise _fail(
-            f"could not load the exported program `{p}`: {_first_line(exc)}", cause=exc
+            f"could not load the exported program `{p}`: {first_line(exc)}", cause=exc
         ) from exc
     example = None
     ex = getattr(ep, "example_inputs", None)
@@ -251,7 +248,7 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
         return load_file(str(p), device="cpu")
     except Exception as exc:
         raise _fail(
-            f"`{p}` is not a readable safetensors file: {_first_line(exc)}", cause=exc
+            f"`{p}` is not a readable safetensors file: {first_line(exc)}", cause=exc
         ) from exc
 
 
@@ -261,7 +258,7 @@ def _load_torch_file(p: Path, arch: str | None, trust_pickle: bool) -> LoadedMod
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):
             raise _fail(
-                f"`{p}` is not a readable torch file: {_first_line(exc)}", cause=exc
+                f"`{p}` is not a readable torch file: {first_line(exc)}", cause=exc
             ) from exc
         if not trust_pickle:
             raise _fail(
@@ -276,7 +273,7 @@ def _load_torch_file(p: Path, arch: str | None, trust_pickle: bool) -> LoadedMod
             ) from exc
         return _load_pickle(p)
     except Exception as exc:
-        raise _fail(f"`{p}` is not a readable torch file: {_first_line(exc)}", cause=exc) from exc
+        raise _fail(f"`{p}` is not a readable torch file: {first_line(exc)}", cause=exc) from exc
     state = _as_state_dict(obj)
     if state is None:
         raise ModelLoadError(
@@ -290,7 +287,7 @@ def _load_pickle(p: Path) -> LoadedModel:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise _fail(f"could not unpickle `{p}`: {_first_line(exc)}", cause=exc) from exc
+        raise _fail(f"could not unpickle `{p}`: {first_line(exc)}", cause=exc) from exc
     if not isinstance(obj, nn.Module):
         raise ModelLoadError(f"`{p}` unpickles to a `{type(obj).__name__}`, not a torch module")
     return LoadedModel(model=obj, kind="pickle", source=p, base={"kind": "pickle"})
@@ -319,7 +316,7 @@ def _call_factory(arch: str, where: str) -> nn.Module:
         module = importlib.import_module(mod_name)
     except Exception as exc:
         raise _fail(
-            f"cannot import module `{mod_name}` named by `--arch {arch}`: {_first_line(exc)}",
+            f"cannot import module `{mod_name}` named by `--arch {arch}`: {first_line(exc)}",
             help="make sure the module is importable (installed or on PYTHONPATH)",
             cause=exc,
         ) from exc
@@ -331,7 +328,7 @@ def _call_factory(arch: str, where: str) -> nn.Module:
     try:
         model = factory()
     except Exception as exc:
-        raise _fail(f"factory `{arch}` failed: {_first_line(exc)}", cause=exc) from exc
+        raise _fail(f"factory `{arch}` failed: {first_line(exc)}", cause=exc) from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(
             f"factory `{arch}` returned a `{type(model).__name__}`, not a torch module"
@@ -382,7 +379,7 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], where: Path |
         model.load_state_dict(state, strict=True)
     except Exception as exc:
         raise _fail(
-            f"the state dict in `{where}` does not fit the architecture: {_first_line(exc)}",
+            f"the state dict in `{where}` does not fit the architecture: {first_line(exc)}",
             cause=exc,
         ) from exc
 
@@ -413,7 +410,7 @@ def rebuild_base(base: dict[str, Any], directory: Path) -> nn.Module:
             return torch.export.unflatten(torch.export.load(str(prog))).eval()
         except Exception as exc:
             raise _fail(
-                f"could not load the base program `{prog}`: {_first_line(exc)}", cause=exc
+                f"could not load the base program `{prog}`: {first_line(exc)}", cause=exc
             ) from exc
     if kind == "pickle":
         raise ModelLoadError(
@@ -441,7 +438,7 @@ def _rebuild_hf(base: dict[str, Any]) -> nn.Module:
                 model = transformers.AutoModel.from_config(config, attn_implementation="eager")
     except Exception as exc:
         raise _fail(
-            f"could not rebuild the `{base.get('class')}` model: {_first_line(exc)}", cause=exc
+            f"could not rebuild the `{base.get('class')}` model: {first_line(exc)}", cause=exc
         ) from exc
     return model.eval()
 

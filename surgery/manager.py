@@ -39,7 +39,7 @@ from torch import nn
 
 from surgery import ast
 from surgery.backends import EXPECT_ON, TARGET_SUPPORT
-from surgery.diagnostics import Diagnostic
+from surgery.diagnostics import Diagnostic, first_line
 from surgery.facts import Analysis
 from surgery.heal import HEAL_SUPPORT
 from surgery.inputs import InputError, Inputs, calibration_inputs, example_inputs, flatten_outputs
@@ -257,7 +257,7 @@ class Manager:
             reference = example.call(original)
         except Exception as exc:  # the model itself, before any surgery, rejects the inputs
             raise InputError(
-                f"the model does not run on its example inputs ({_first_line(exc)}); give "
+                f"the model does not run on its example inputs ({first_line(exc)}); give "
                 "inputs it accepts with `calibrate with FILE` (a tensor file of real inputs)"
             ) from exc
         before = analyze(original, example)
@@ -407,7 +407,7 @@ class Manager:
             raise PassError(
                 Diagnostic(
                     code="S0401",
-                    message=f"`{stmt.verb}` failed on this model: {_first_line(exc)}",
+                    message=f"`{stmt.verb}` failed on this model: {first_line(exc)}",
                     span=stmt.span,
                     help="the model was left unchanged; see the plan with `surgery plan`",
                 )
@@ -504,7 +504,7 @@ class Manager:
             raise PassError(
                 Diagnostic(
                     code="S0402",
-                    message=f"after `{stmt.verb}` the model no longer runs: {_first_line(exc)}",
+                    message=f"after `{stmt.verb}` the model no longer runs: {first_line(exc)}",
                     span=stmt.span,
                     help="the model was left unchanged by this statement",
                 )
@@ -567,8 +567,3 @@ class Manager:
             shown = f"{measured:.2f}× [{interval[0]:.2f}, {interval[1]:.2f}] on {backend}"
         held = _compare(measured, stmt.op, target)
         return Contract(stmt, text, measured, interval, held, shown)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
