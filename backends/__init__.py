@@ -13,6 +13,8 @@ recipe             backend name         lowering
 ``torch inductor`` ``torch-inductor``   ``torch.compile`` (inductor) on CPU
 ``onnx cpu|cuda``  ``onnx-cpu|cuda``    ``torch.onnx.export(dynamo=True)`` + onnxruntime
 ``tvm llvm|cuda``  ``tvm-llvm|cuda``    ``torch.export`` → Relax → MetaSchedule → VM
+``mindir cpu``     ``mindir-cpu``       ``torch.export`` → generated MindSpore cell →
+                                        ``model.mindir`` → ``GraphCell`` on CPU
 =================  ===================  ============================================
 
 >>> import torch
@@ -21,7 +23,7 @@ recipe             backend name         lowering
 >>> b.name, b.is_available()
 ('torch-cpu', (True, ''))
 >>> sorted(TARGET_SUPPORT["device"])[:3]
-['onnx cpu', 'onnx cuda', 'torch cpu']
+['mindir cpu', 'onnx cpu', 'onnx cuda']
 """
 
 from __future__ import annotations
@@ -62,13 +64,14 @@ __all__ = [
 ]
 
 # The device a bare `target B` means.
-DEFAULT_DEVICE: dict[str, str] = {"torch": "cpu", "onnx": "cpu", "tvm": "llvm"}
+DEFAULT_DEVICE: dict[str, str] = {"torch": "cpu", "onnx": "cpu", "tvm": "llvm", "mindir": "cpu"}
 
 # Implemented `target` statements, in the format of `MANAGER_SUPPORT["target"][0]`: what the
 # code implements, not what this machine has (an unavailable device is skipped with a reason
-# at run time). `trials` is accepted for every backend and used by `tvm` only.
+# at run time). `trials` is accepted for every backend and used by `tvm` only. `mindir ascend`
+# is left out: nothing here can run or time an Ascend NPU.
 TARGET_SUPPORT: dict[str, set[str] | None] = {
-    "backend": {"torch", "onnx", "tvm"},
+    "backend": {"torch", "onnx", "tvm", "mindir"},
     "device": {
         "torch cpu",
         "torch cuda",
@@ -77,12 +80,13 @@ TARGET_SUPPORT: dict[str, set[str] | None] = {
         "onnx cuda",
         "tvm llvm",
         "tvm cuda",
+        "mindir cpu",
     },
     "trials": None,
 }
 
 # Backends `expect speedup … on B` can name (the values of `MANAGER_SUPPORT["expect"]["on"]`).
-EXPECT_ON: set[str] = {"torch", "onnx", "tvm"}
+EXPECT_ON: set[str] = {"torch", "onnx", "tvm", "mindir"}
 
 Progress = Callable[[str, int, int], None]
 TargetSpec = tuple[str, "str | None", "int | None"]  # (backend, device, trials) of `target`
@@ -95,6 +99,8 @@ def get_backend(backend: str, device: str | None = None, trials: int | None = No
 
     >>> get_backend("tvm", trials=4).name, get_backend("torch", "inductor").name
     ('tvm-llvm', 'torch-inductor')
+    >>> get_backend("mindir").name
+    'mindir-cpu'
     """
     device = device or DEFAULT_DEVICE.get(backend)
     if f"{backend} {device}" not in (TARGET_SUPPORT["device"] or set()):
@@ -111,6 +117,11 @@ def get_backend(backend: str, device: str | None = None, trials: int | None = No
 
         assert device is not None
         return OnnxBackend(device)
+    if backend == "mindir":
+        from .mindir_backend import MindirBackend
+
+        assert device is not None
+        return MindirBackend(device)
     from .tvm_backend import TvmBackend
 
     assert device is not None

@@ -5,15 +5,23 @@ call these to decide ranks and to initialise the replacement modules.
 
 Conventions: a ``Linear(in→out)`` weight ``W`` is ``[out, in]`` and is approximated as
 ``W ≈ left @ right`` with ``left [out, r]`` (the second layer) and ``right [r, in]`` (the
-first layer). All decompositions run in float64 and return in the dtype of the input.
+first layer). Decompositions run in float64 (float32 for the Gram of 16-bit weights, see
+below) and return in the dtype of the input.
 
-Why ``torch.linalg.svd(full_matrices=False)`` and not ``torch.svd_lowrank``: every caller
-needs *all* singular values (energy thresholds, budgets, the reported ``energy``), and the
-randomized solver only returns the top ``q`` with an error that depends on the oversampling
-and the spectrum's decay, so it would break the exactness invariants (full rank reproduces
-``W``; the SVD-LLM error identity). The cost is acceptable for a one-off compile step: on
-a CPU a float64 thin SVD of a ``[3072, 768]`` weight takes ~0.5 s, ``[2048, 2048]`` ~5 s; it
-runs on whatever device ``W`` lives on, so pass GPU tensors for large models.
+How the SVD is computed (:func:`truncated_svd`): every caller needs *all* singular values
+(energy thresholds, budgets, the reported ``energy``) but only the leading ``k`` singular
+vectors. The fast path takes the eigendecomposition of the Gram matrix of the shorter side
+(``MᵀM`` or ``MMᵀ``): one GEMM plus ``eigh``, 4–7× faster than a float64 ``gesdd`` on a
+``[5632, 2048]`` weight on 2 CPU cores. The Gram squares the condition number, so the fast
+path is *checked*: the squared error its rank-``k`` projection actually achieves,
+``‖M‖² − ‖M V_k‖²``, must equal the discarded eigenvalues ``Σ_{i>k} λ_i`` within a tolerance,
+and ``λ_k`` must be clearly positive; otherwise the full float64 SVD runs (a full-rank or
+rank-deficient request always takes it, so the exactness invariants are those of
+``gesdd``). The tolerance is ``1e-8`` relative in float64; for bfloat16/float16 weights the
+Gram is formed in float32 and the tolerance is the weight format's own squared rounding
+error ``u²·‖M‖²``, which the factors incur anyway when they are stored in that format.
+``torch.svd_lowrank`` is not used: its error depends on oversampling and spectral decay, and
+it returns no tail spectrum to check against.
 
 >>> W = torch.randn(6, 4, dtype=torch.float64)
 >>> f = svd_factors(W, rank=4)
@@ -38,6 +46,7 @@ __all__ = [
     "allocate_budget",
     "asvd_factors",
     "break_even_rank",
+    "compute_dtype",
     "dense_flops",
     "dense_params",
     "layer_cost",
@@ -50,6 +59,7 @@ __all__ = [
     "round_rank",
     "svd_factors",
     "svd_llm_factors",
+    "truncated_svd",
     "tucker2_factors",
 ]
 
@@ -109,9 +119,85 @@ def _energy(sv: Tensor, rank: int) -> float:
     return 1.0 if total == 0.0 else float(sq[:rank].sum()) / total
 
 
-def _svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD in float64: ``m = U diag(S) Vh``."""
-    return torch.linalg.svd(m, full_matrices=False)  # U [o, k], S [k], Vh [k, i]
+#: Relative tolerance of the fast path's a-posteriori check in float64.
+FAST_SVD_RTOL = 1e-8
+#: The fast path needs ``λ_k ≥ FAST_SVD_MIN_RATIO·ε·λ_1`` (``ε`` of the compute dtype) so that
+#: dividing by ``σ_k`` is well defined.
+FAST_SVD_MIN_RATIO = 16.0
+
+
+def compute_dtype(w: Tensor) -> torch.dtype:
+    """float32 for 16-bit weights (their own rounding dwarfs float32's), else float64.
+
+    >>> compute_dtype(torch.zeros(1, dtype=torch.bfloat16)), compute_dtype(torch.zeros(1))
+    (torch.float32, torch.float64)
+    """
+    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+def truncated_svd(
+    m: Tensor, keep: int, *, weight_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U_k, S, Vh_k)``: the leading ``keep`` singular vectors and *all* singular values.
+
+    ``m`` is float32 or float64 (the compute dtype); ``S`` is float64, descending. The fast
+    Gram path (module doc) is used when its check passes, else ``torch.linalg.svd`` in
+    float64. ``weight_dtype`` is the dtype the factors will be stored in: for 16-bit formats
+    the check's tolerance is that format's squared unit roundoff times ``‖m‖²``.
+
+    >>> m = torch.randn(40, 12, dtype=torch.float64)
+    >>> U, S, Vh = truncated_svd(m, 3)
+    >>> U.shape, S.shape, Vh.shape
+    (torch.Size([40, 3]), torch.Size([12]), torch.Size([3, 12]))
+    >>> bool(torch.allclose(S, torch.linalg.svdvals(m)))
+    True
+    """
+    rows, cols = m.shape
+    k = min(rows, cols)
+    if not 1 <= keep <= k:
+        raise ValueError(f"keep must be in [1, {k}], got {keep}")
+    fast = _gram_svd(m, keep, weight_dtype) if keep < k else None
+    if fast is not None:
+        return fast
+    U, S, Vh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
+    return U[:, :keep].to(m.dtype), S, Vh[:keep].to(m.dtype)
+
+
+def _squared_norm(t: Tensor) -> float:
+    """``‖t‖_F²`` accumulated in float64, a row block at a time (no full float64 copy)."""
+    return sum(float(block.to(torch.float64).square().sum()) for block in t.split(512))
+
+
+def _gram_svd(
+    m: Tensor, keep: int, weight_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The Gram-eigh path of :func:`truncated_svd`, or None when its check fails."""
+    tall = m.shape[0] >= m.shape[1]
+    gram = m.T @ m if tall else m @ m.T  # [short, short]; eigh reads its lower triangle only
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    del gram
+    lam = evals.flip(0).to(torch.float64).clamp_min(0.0)  # [short], descending
+    vecs = evecs[:, -keep:].flip(1)  # [short, keep], leading first
+    del evecs
+    eps = torch.finfo(m.dtype).eps
+    top = float(lam[0])
+    if top <= 0.0 or float(lam[keep - 1]) < FAST_SVD_MIN_RATIO * eps * top:
+        return None
+    projected = m @ vecs if tall else vecs.T @ m  # M V_k [rows, keep] or U_kᵀ M [keep, cols]
+    total = _squared_norm(m)
+    achieved = total - _squared_norm(projected)
+    discarded = float(lam[keep:].sum())
+    if weight_dtype in (torch.bfloat16, torch.float16):
+        tolerance = (torch.finfo(weight_dtype).eps / 2) ** 2 * total
+    else:
+        tolerance = FAST_SVD_RTOL * max(achieved, discarded)
+    if abs(achieved - discarded) > tolerance:
+        return None
+    S = lam.sqrt()
+    sk = S[:keep].to(m.dtype)
+    if tall:
+        return projected.div_(sk), S, vecs.T  # U_k = M V_k / σ
+    return vecs, S, projected.div_(sk[:, None])  # V_kᵀ = U_kᵀ M / σ
 
 
 def svd_factors(W: Tensor, rank: int) -> Factors:
@@ -129,10 +215,13 @@ def svd_factors(W: Tensor, rank: int) -> Factors:
     """
     out_f, in_f = W.shape
     _check_rank(rank, out_f, in_f)
-    U, S, Vh = _svd(W.detach().to(torch.float64))  # [out, k], [k], [k, in]
-    root = S[:rank].sqrt()  # [r]
-    left = U[:, :rank] * root  # [out, r]
-    right = root[:, None] * Vh[:rank]  # [r, in]
+    cd = compute_dtype(W)
+    U, S, Vh = truncated_svd(
+        W.detach().to(cd), rank, weight_dtype=W.dtype
+    )  # [out, r], [k], [r, in]
+    root = S[:rank].sqrt().to(cd)  # [r]
+    left = U * root  # [out, r]
+    right = root[:, None] * Vh  # [r, in]
     return Factors(
         left=left.to(W.dtype),
         right=right.to(W.dtype),
@@ -163,11 +252,12 @@ def asvd_factors(W: Tensor, act_abs_mean: Tensor, rank: int, alpha: float = 0.5)
             f"act_abs_mean must have shape [{in_f}] (one value per input channel), "
             f"got {list(act_abs_mean.shape)}"
         )
-    s = act_abs_mean.detach().to(torch.float64).abs().pow(alpha).clamp_min(1e-6)  # [in]
-    U, S, Vh = _svd(W.detach().to(torch.float64) * s)  # SVD of W·diag(s)
-    root = S[:rank].sqrt()  # [r]
-    left = U[:, :rank] * root  # [out, r]
-    right = root[:, None] * Vh[:rank] / s  # [r, in]: √Σ_r V_rᵀ diag(1/s)
+    cd = compute_dtype(W)
+    s = act_abs_mean.detach().to(torch.float64).abs().pow(alpha).clamp_min(1e-6).to(cd)  # [in]
+    U, S, Vh = truncated_svd(W.detach().to(cd) * s, rank, weight_dtype=W.dtype)  # W·diag(s)
+    root = S[:rank].sqrt().to(cd)  # [r]
+    left = U * root  # [out, r]
+    right = root[:, None] * Vh / s  # [r, in]: √Σ_r V_rᵀ diag(1/s)
     return Factors(
         left=left.to(W.dtype),
         right=right.to(W.dtype),
@@ -228,9 +318,12 @@ def svd_llm_factors(W: Tensor, xtx: Tensor, rank: int) -> Factors:
     xtx64 = xtx.detach().to(torch.float64)
     xtx64 = (xtx64 + xtx64.T) / 2  # accumulated sums drift from symmetric in low precision
     L = _cholesky_with_jitter(xtx64)  # [in, in], lower, XᵀX ≈ L Lᵀ
-    U, S, Vh = _svd(W.detach().to(torch.float64) @ L)  # SVD of W·S
-    left = U[:, :rank]  # [out, r]
-    sv_r = S[:rank, None] * Vh[:rank]  # [r, in]: Σ_r V_rᵀ
+    cd = compute_dtype(W)
+    ws = (W.detach().to(torch.float64) @ L).to(cd)  # W·S
+    U, S, Vh = truncated_svd(ws, rank, weight_dtype=W.dtype)
+    del ws
+    left = U  # [out, r]
+    sv_r = S[:rank, None] * Vh.to(torch.float64)  # [r, in]: Σ_r V_rᵀ
     right = torch.linalg.solve_triangular(L, sv_r, upper=False, left=False)  # right·L = Σ_r V_rᵀ
     return Factors(
         left=left.to(W.dtype),
@@ -290,10 +383,10 @@ def refactor_pair(
         gram = w0 @ input_gram.detach().to(torch.float64) @ w0.T  # [r, r]
     gram = (gram + gram.T) / 2
     L = _cholesky_with_jitter(gram)  # [r, r], lower
-    U, S, Vh = _svd(w1 @ L)  # [out, k], [k], [k, r]
+    U, S, Vh = truncated_svd(w1 @ L, rank, weight_dtype=second.dtype)  # [out, rank], [k], [rank, r]
     root = S[:rank].sqrt()  # [rank]
-    left = U[:, :rank] * root  # [out, rank]
-    b = torch.linalg.solve_triangular(L, root[:, None] * Vh[:rank], upper=False, left=False)
+    left = U * root  # [out, rank]
+    b = torch.linalg.solve_triangular(L, root[:, None] * Vh, upper=False, left=False)
     right = b @ w0  # [rank, in]
     return Factors(
         left=left.to(second.dtype),

@@ -393,14 +393,12 @@ class Manager:
         reference: Any,
         ref_shapes: list[tuple[int, ...]],
     ) -> None:
-        """Plan, apply to a copy, lint; the model changes only if all of that succeeds."""
+        """Plan and apply on a copy, lint; the model changes only if all of that succeeds."""
         stmt: Any = surgery_pass.statement
         started = time.perf_counter()
-        plan = surgery_pass.plan(state.model)
-        self._check_matches(stmt, plan, state.model, state.analysis, run)
         candidate = copy.deepcopy(state.model)
         try:
-            changes = surgery_pass.apply(candidate, plan)
+            plan, changes = surgery_pass.run(candidate)
         except PassError:
             raise
         except Exception as exc:  # a pass bug must still name the recipe line
@@ -412,6 +410,7 @@ class Manager:
                     help="the model was left unchanged; see the plan with `surgery plan`",
                 )
             ) from exc
+        self._check_matches(stmt, plan, candidate, state.analysis, run)
         step_drift = self._lint(stmt, candidate, example, reference, ref_shapes)
         state.model = candidate
         state.hooks.extend(surgery_pass.training_hooks(candidate))

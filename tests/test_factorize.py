@@ -31,8 +31,10 @@ def test_full_basis_with_k_equal_basis_is_exact(
     basis = in_f if full_in else min(in_f, out_f)  # B = in (over-complete when in > out) or min
     module = DenseSparseLinear.from_linear(lin, basis=basis, nonzeros=basis)
     x = torch.randn(4, in_f, dtype=F64)
-    torch.testing.assert_close(module(x), lin(x), rtol=1e-9, atol=1e-9)
-    assert module.fit_error < 1e-9
+    # Exact up to the fit's ridge (1e-12·σ₁²), which an ill-conditioned weight amplifies by
+    # σ₁²/σ_min² (seed 450 at 6×6 gives 1.7e-9): 1e-7 still tells exact from approximate.
+    torch.testing.assert_close(module(x), lin(x), rtol=1e-7, atol=1e-7)
+    assert module.fit_error < 1e-7
 
 
 def test_sparsity_is_k_per_column_of_c() -> None:

@@ -247,6 +247,17 @@ class SurgeryPass(PassBase):
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:  # pragma: no cover
         raise NotImplementedError
 
+    def run(self, model: nn.Module) -> tuple[StepPlan, list[Change]]:
+        """Plan and apply on ``model`` in one go: what ``surgery apply`` calls.
+
+        The default is :meth:`plan` then :meth:`apply`. A pass may override it to apply as it
+        plans (decompose streams: each layer is replaced as soon as it is factored), so the
+        plan never holds every layer's new weights at once. The result must equal
+        ``plan`` followed by ``apply``.
+        """
+        plan = self.plan(model)
+        return plan, self.apply(model, plan)
+
     def family_steps(self) -> int:
         """How many members the statement builds (``progressive K steps``: K; else 1).
 

@@ -90,6 +90,7 @@ from surgery.lowrank import (
     svd_llm_factors,
     tucker2_factors,
 )
+from surgery.memory import release_free_memory
 from surgery.modules import LowRankLinear
 from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
@@ -364,6 +365,8 @@ class DecomposePass(SurgeryPass):
         "keep_if_faster": None,
         "where speedup": None,
     }
+    #: While :meth:`run` streams: the change made for each layer replaced during planning.
+    _streamed: dict[str, Change] | None = None
 
     # --- statement accessors ------------------------------------------------------------
 
@@ -508,6 +511,7 @@ class DecomposePass(SurgeryPass):
                 )
             candidates.append(cand)
 
+        del modules  # holds every layer: streaming must be able to free the replaced ones
         matrix = [c for c in candidates if c.kind != "tucker"]
         self._factor_matrices(model, context, matrix, plan)
         self._choose_ranks(model, matrix, plan)
@@ -586,35 +590,60 @@ class DecomposePass(SurgeryPass):
     def _factor_matrices(
         self, model: nn.Module, context: PassContext, cands: list[_Candidate], plan: StepPlan
     ) -> None:
-        """Full (data-aware) factorization of every matrix candidate, truncated to the
-        largest rank the rank rule may pick (the break-even rank), to bound memory."""
+        """Full (data-aware) spectrum of every matrix candidate and its factors at the largest
+        rank the rank rule may pick (:meth:`_max_rank`), to bound time and memory.
+
+        When streaming (:meth:`run`), each layer's rank is chosen and the layer replaced right
+        after it is factored, and its factors are dropped."""
         method = self._method_for("linear")
         stats = self._stats(model, context, {c.path: c.module for c in cands}, method)
         for i, cand in enumerate(cands):
             W = _matrix(cand.module, cand.kind)  # [out, in]
-            full = min(cand.in_f, cand.out_f)
+            keep = self._max_rank(cand)
             if method == "svd":
-                f = svd_factors(W, full)
+                f = svd_factors(W, keep)
             else:
-                s = stats[cand.path]
+                s = stats.pop(cand.path)
                 if s.rows == 0:
                     cand.row.action, cand.row.note = "skip", "not reached by the calibration inputs"
                     continue
                 if method == "asvd":
-                    f = asvd_factors(W, s.abs_mean, full, alpha=ASVD_ALPHA)
+                    f = asvd_factors(W, s.abs_mean, keep, alpha=ASVD_ALPHA)
                 else:
                     assert s.xtx is not None
-                    f = svd_llm_factors(W, s.xtx, full)
+                    f = svd_llm_factors(W, s.xtx, keep)
                     if s.rows < cand.in_f:
                         cand.row.note = (
                             f"{s.rows} calibration rows < {cand.in_f} inputs: XᵀX is singular, "
                             "a ridge jitter was added"
                         )
-                    s.xtx = None  # free [in, in] float64 as soon as it is used
-            keep = max(1, break_even_rank(cand.in_f, cand.out_f))
-            cand.full = _truncate(f, min(keep, full))
+                del s  # free the [in, in] float64 Gram as soon as it is used
+            cand.full = f
+            del W
+            if self._streamed is not None:
+                self._choose_rank(model, cand, self._rank_rule(cand))
+                if cand.row.action != "skip":
+                    assert cand.full is not None
+                    self._streamed[cand.path] = self._replace(model, cand.row, cand.full, None)
+                cand.full, cand.module = None, nn.Identity()  # the old layer can be freed
+                release_free_memory()
             if context.progress is not None:
                 context.progress("factorizing", i + 1, len(cands))
+
+    def _max_rank(self, cand: _Candidate) -> int:
+        """The largest rank :meth:`_choose_rank` may use for ``cand``: the break-even rank,
+        or the requested rank when a fraction or absolute rank decides it alone."""
+        stmt: ast.Decompose = self.statement
+        full = min(cand.in_f, cand.out_f)
+        be = max(1, min(break_even_rank(cand.in_f, cand.out_f), full))
+        if stmt.budget is not None or self._steps > 1:
+            return be
+        if stmt.rank is None or stmt.rank.kind == "energy":
+            return be
+        target = self._rank_rule(cand)
+        if self._multiple > 1:
+            target = round_rank(target, self._multiple, max_rank=be)
+        return max(1, min(target, be))
 
     def _speedups(self, model: nn.Module, context: PassContext) -> dict[str, float]:
         """``where speedup > X``: each matrix layer of the selector's type timed alone on the
@@ -696,55 +725,60 @@ class DecomposePass(SurgeryPass):
         else:
             ranks = {c.path: self._rank_rule(c) for c in live}
         for cand in live:
-            assert cand.full is not None
-            row, (in_f, out_f) = cand.row, (cand.in_f, cand.out_f)
-            full = min(in_f, out_f)
-            be = break_even_rank(in_f, out_f)
-            target = ranks[cand.path]
-            row.detail["full_rank"] = full
-            if stmt.budget is not None and target >= full:
-                row.action, row.note = "skip", "the budget keeps this layer dense"
-                continue
-            if stmt.budget is None and self._multiple > 1:
-                target = round_rank(target, self._multiple, max_rank=be)
-            if target > full:
-                row.detail["rank"] = target
-                row.action, row.note = "skip", f"rank {target} exceeds full rank {full}"
-                continue
-            if target > be:
-                row.detail["rank"] = target
-                row.action, row.note = (
-                    "skip",
-                    f"rank {target} saves no parameters (break-even {be})",
-                )
-                continue
-            if stmt.keep_if_faster is not None:
-                chosen, where = self._faster_rank(model, cand, target)
-                row.detail["measured_on"] = where
-                if chosen is None:
-                    row.detail["rank"] = target
-                    row.action, row.note = (
-                        "skip",
-                        f"no rank ≤ {target} is faster than dense on {where}",
-                    )
-                    continue
-                if chosen != target:
-                    row.detail["requested_rank"] = target
-                target = chosen
-            rank = target
-            if self._steps > 1:
-                schedule = progressive_schedule(be, target, self._steps, self._multiple)
-                cand.extra["schedule"] = schedule
-                rank = schedule[0]
-                row.detail["step"] = f"1/{self._steps}"
-                row.detail["target"] = target
-            cand.full = _truncate(cand.full, rank)
-            row.detail["rank"] = rank
-            row.detail["energy"] = round(_energy(cand.full.singular_values, rank), 6)
-            self._costs(row, in_f, out_f, rank, old_rank=None)
+            self._choose_rank(model, cand, ranks[cand.path])
         plan.data["schedules"] = {
             c.path: c.extra["schedule"] for c in live if "schedule" in c.extra
         }
+
+    def _choose_rank(self, model: nn.Module, cand: _Candidate, target: int) -> None:
+        """Settle ``cand``'s rank from the rule's ``target``: rounding, the never-larger
+        checks, ``keep if faster``, the progressive schedule; truncate its factors."""
+        stmt: ast.Decompose = self.statement
+        assert cand.full is not None
+        row, (in_f, out_f) = cand.row, (cand.in_f, cand.out_f)
+        full = min(in_f, out_f)
+        be = break_even_rank(in_f, out_f)
+        row.detail["full_rank"] = full
+        if stmt.budget is not None and target >= full:
+            row.action, row.note = "skip", "the budget keeps this layer dense"
+            return
+        if stmt.budget is None and self._multiple > 1:
+            target = round_rank(target, self._multiple, max_rank=be)
+        if target > full:
+            row.detail["rank"] = target
+            row.action, row.note = "skip", f"rank {target} exceeds full rank {full}"
+            return
+        if target > be:
+            row.detail["rank"] = target
+            row.action, row.note = (
+                "skip",
+                f"rank {target} saves no parameters (break-even {be})",
+            )
+            return
+        if stmt.keep_if_faster is not None:
+            chosen, where = self._faster_rank(model, cand, target)
+            row.detail["measured_on"] = where
+            if chosen is None:
+                row.detail["rank"] = target
+                row.action, row.note = (
+                    "skip",
+                    f"no rank ≤ {target} is faster than dense on {where}",
+                )
+                return
+            if chosen != target:
+                row.detail["requested_rank"] = target
+            target = chosen
+        rank = target
+        if self._steps > 1:
+            schedule = progressive_schedule(be, target, self._steps, self._multiple)
+            cand.extra["schedule"] = schedule
+            rank = schedule[0]
+            row.detail["step"] = f"1/{self._steps}"
+            row.detail["target"] = target
+        cand.full = _truncate(cand.full, rank)
+        row.detail["rank"] = rank
+        row.detail["energy"] = round(_energy(cand.full.singular_values, rank), 6)
+        self._costs(row, in_f, out_f, rank, old_rank=None)
 
     def _rank_rule(self, cand: _Candidate) -> int:
         rank = self.statement.rank
@@ -925,47 +959,74 @@ class DecomposePass(SurgeryPass):
 
     # --- applying -------------------------------------------------------------------------
 
+    def run(self, model: nn.Module) -> tuple[StepPlan, list[Change]]:
+        """Plan and apply; with a per-layer rank rule (a fraction, an absolute rank or an
+        energy threshold, no budget, no progressive family) each matrix layer is replaced as
+        soon as it is factored, so besides the model only one layer's factors are ever alive.
+        The result is the same as :meth:`plan` then :meth:`apply`."""
+        stmt: ast.Decompose = self.statement
+        if stmt.budget is not None or self._steps > 1 or self.family_step > 1:
+            return super().run(model)
+        self._streamed = {}
+        try:
+            plan = self.plan(model)
+            return plan, self.apply(model, plan)
+        finally:
+            self._streamed = None
+
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
         """Replace every planned layer; frees each layer's factors as soon as it is used."""
         factors: dict[str, Factors] = plan.data.get("factors", {})
         tucker: dict[str, tuple[int, int]] = plan.data.get("tucker", {})
         schedules: dict[str, list[int]] = plan.data.get("schedules", {})
+        streamed = self._streamed or {}
         changes: list[Change] = []
         for row in plan.changed_rows:
-            old = model.get_submodule(row.path)
-            new: nn.Module
+            if row.path in streamed:  # replaced while planning (:meth:`run`)
+                changes.append(streamed[row.path])
+                continue
             if row.path in tucker:
+                old = model.get_submodule(row.path)
                 if not isinstance(old, nn.Conv2d):
                     raise self.moved(row.path, "Conv2d")
                 r_out, r_in = tucker[row.path]
                 new = TuckerConv2d.from_conv(old, rank_out=r_out, rank_in=r_in)
                 new.train(old.training)
+                model.set_submodule(row.path, new)
+                changes.append(self._change(row))
             else:
                 f = factors.pop(row.path)
-                if isinstance(old, nn.Conv2d | LowRankConv2d):
-                    new = _lowrank_conv_from(old, f)
-                elif (
-                    isinstance(old, nn.Linear | LowRankLinear)
-                    or "Conv1D" in type_names(old)
-                    or self._stands_for_linear(row.path, old)
-                ):
-                    new = lowrank_linear_from(old, f)
-                else:
-                    raise self.moved(row.path, "Linear")
-                if row.path in schedules:
-                    setattr(
-                        new,
-                        PROGRESSIVE_ATTR,
-                        {"statement": self._tag, "schedule": schedules[row.path]},
-                    )
-            model.set_submodule(row.path, new)
-            detail: dict[str, Any] = {
-                k: row.detail[k] for k in ("rank", "method", "energy") if k in row.detail
-            }
-            changes.append(self.change(row.path, "decompose", **detail))
+                changes.append(self._replace(model, row, f, schedules.get(row.path)))
         if self._steps > 1 and changes:
             self._member_drift(model, plan)
         return changes
+
+    def _replace(
+        self, model: nn.Module, row: PlanRow, f: Factors, schedule: list[int] | None
+    ) -> Change:
+        """Swap the matrix layer at ``row.path`` for its low-rank pair built from ``f``."""
+        old = model.get_submodule(row.path)
+        new: nn.Module
+        if isinstance(old, nn.Conv2d | LowRankConv2d):
+            new = _lowrank_conv_from(old, f)
+        elif (
+            isinstance(old, nn.Linear | LowRankLinear)
+            or "Conv1D" in type_names(old)
+            or self._stands_for_linear(row.path, old)
+        ):
+            new = lowrank_linear_from(old, f)
+        else:
+            raise self.moved(row.path, "Linear")
+        if schedule is not None:
+            setattr(new, PROGRESSIVE_ATTR, {"statement": self._tag, "schedule": schedule})
+        model.set_submodule(row.path, new)
+        return self._change(row)
+
+    def _change(self, row: PlanRow) -> Change:
+        detail: dict[str, Any] = {
+            k: row.detail[k] for k in ("rank", "method", "energy") if k in row.detail
+        }
+        return self.change(row.path, "decompose", **detail)
 
     def _member_drift(self, model: nn.Module, plan: StepPlan) -> None:
         """Relative output error of this member against the original, before any healing."""
