@@ -8,8 +8,14 @@ real input shape (``ModuleInfo.input_shapes``), the dense layer and the factoriz
 target's tile. The rank choice is then a pure function of the table (:func:`choose_rank`,
 delegating to :func:`surgery.lowrank.pick_rank_below_cliff`), so tests use fake tables.
 
+A ``k×k`` ``Conv2d`` planned for Tucker-2 at ``(r_out, r_in)`` is timed the same way against
+its :class:`~surgery.modules.tucker_conv.TuckerConv2d`, both ranks scaled together in tile steps
+of the larger one (:class:`ConvLatencyTable`, :func:`keep_if_faster_tucker_ranks`,
+:func:`choose_tucker_ranks`).
+
 Tables are cached as JSON under ``<cache>/latency/`` keyed by backend, device, layer shape,
-input shape, dtype and torch version: a second run does not time again.
+input shape, dtype and torch version: a second run does not time again. Conv tables' keys
+start with ``conv-`` and also cover kernel, stride, padding and dilation.
 
 Tiles (:data:`TILE`): on this machine's CPU (AVX-512, MKL) a 768→r→768 pair at 1024 tokens
 was ~7% faster at multiples of 8 than at the ranks just above them, with no extra gain at
@@ -32,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -46,17 +52,27 @@ from .cache import cache_dir
 
 __all__ = [
     "TILE",
+    "ConvLatencyTable",
     "LatencyTable",
     "candidate_ranks",
     "choose_rank",
+    "choose_tucker_ranks",
     "keep_if_faster_ranks",
+    "keep_if_faster_tucker_ranks",
     "latency_table",
     "layer_speedups",
+    "load_conv_table",
     "load_table",
     "measure_linear",
+    "measure_tucker_conv",
+    "save_conv_table",
     "save_table",
     "tile_for",
+    "tucker_candidate_pairs",
+    "tucker_latency_table",
 ]
+
+_K = TypeVar("_K")
 
 # Rank step per backend name (see the module docstring for why these values).
 TILE: dict[str, int] = {
@@ -213,6 +229,39 @@ class _Pair(nn.Sequential):
         )
 
 
+def _time_variants(
+    backend: Backend,
+    variants: Mapping[_K, nn.Module],
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+) -> dict[_K, float]:
+    """Median seconds per variant, each lowered alone on ``backend`` at ``input_shape``.
+
+    All variants run in interleaved rounds (one call of each per round), so a change in
+    machine load hits every variant alike.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*input_shape, generator=gen).to(dtype)
+    inputs = Inputs((x,), {})
+    runners: dict[_K, Callable[[], None]] = {}
+    with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
+        for i, (k, layer) in enumerate(variants.items()):
+            lowered = backend.lower(layer.eval(), inputs, Path(tmp) / f"v{i}")
+            runners[k] = lowered.bind(inputs)
+        samples: dict[_K, list[float]] = {k: [] for k in runners}
+        for _ in range(warmup):
+            for run in runners.values():
+                run()
+        for _ in range(repeats):
+            for k, run in runners.items():
+                start = time.perf_counter()
+                run()
+                samples[k].append(time.perf_counter() - start)
+    return {k: statistics.median(s) for k, s in samples.items()}
+
+
 def measure_linear(
     backend: Backend,
     in_features: int,
@@ -230,29 +279,12 @@ def measure_linear(
     All variants run in interleaved rounds (dense, r₁, r₂, … per round), so a change in
     machine load hits every variant alike; each entry is a median over ``repeats`` rounds.
     """
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*input_shape, generator=gen).to(dtype)  # (..., in)
-    inputs = Inputs((x,), {})
     variants: dict[int, nn.Module] = {
         0: nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
     }
     for r in ranks:
         variants[int(r)] = _Pair(in_features, out_features, int(r), bias, dtype)
-    runners: dict[int, Callable[[], None]] = {}
-    with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
-        for r, layer in variants.items():
-            lowered = backend.lower(layer.eval(), inputs, Path(tmp) / f"r{r}")
-            runners[r] = lowered.bind(inputs)
-        samples: dict[int, list[float]] = {r: [] for r in runners}
-        for _ in range(warmup):
-            for run in runners.values():
-                run()
-        for _ in range(repeats):
-            for r, run in runners.items():
-                start = time.perf_counter()
-                run()
-                samples[r].append(time.perf_counter() - start)
-    medians = {r: statistics.median(s) for r, s in samples.items()}
+    medians = _time_variants(backend, variants, input_shape, dtype, warmup, repeats)
     return LatencyTable(
         backend=backend.name,
         layer="Linear",
@@ -430,3 +462,359 @@ def layer_speedups(
         p: tables[p].speedup(candidate_ranks(requested_ranks[p], step, min_fraction=1.0)[0])
         for p in paths
     }
+
+
+# --- Tucker-2 convolutions ------------------------------------------------------------------
+#
+# A ``k×k`` ``Conv2d(C→S)`` planned for Tucker-2 at ranks ``(r_out, r_in)`` is timed against
+# :class:`surgery.modules.tucker_conv.TuckerConv2d` (``1×1 C→r_in``, ``k×k r_in→r_out``,
+# ``1×1 r_out→S``, same stride, padding and dilation). Both ranks scale together, keeping their
+# ratio: the *lead* (larger) rank steps down by the tile and the other follows it
+# (:func:`tucker_candidate_pairs`), so the cliff rule of the matrix layers applies unchanged to
+# the lead rank (:func:`choose_tucker_ranks`).
+
+Pair = tuple[int, int]  # (r_out, r_in)
+
+
+@dataclass
+class ConvLatencyTable:
+    """Median seconds of one ``k×k`` Conv2d on one target: dense, and Tucker-2 per rank pair.
+
+    ``ranks`` maps ``(r_out, r_in)`` to seconds. Its cache key starts with ``conv-``, so it
+    never shares a file with a :class:`LatencyTable`.
+    """
+
+    backend: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    input_shape: tuple[int, ...]  # the conv's real input, (B, C, H, W)
+    dtype: str
+    torch_version: str
+    dense: float
+    ranks: dict[Pair, float] = field(default_factory=dict)
+    bias: bool = True
+    padding_mode: str = "zeros"
+    repeats: int = 0
+    layer: str = "TuckerConv2d"
+
+    def key(self) -> str:
+        """Cache key: the conv's geometry, input shape, dtype, backend and torch version."""
+        return conv_table_key(
+            self.backend,
+            _geometry(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.bias,
+                self.padding_mode,
+            ),
+            self.input_shape,
+            self.dtype,
+            self.torch_version,
+        )
+
+    def speedup(self, pair: Pair) -> float:
+        """Dense latency over Tucker latency at ``pair`` (> 1: the factorization pays)."""
+        return self.dense / max(self.ranks[pair], 1e-12)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("kernel_size", "stride", "dilation", "input_shape"):
+            data[name] = list(data[name])
+        if not isinstance(self.padding, str):
+            data["padding"] = list(self.padding)
+        data["ranks"] = {f"{o}x{i}": t for (o, i), t in sorted(self.ranks.items())}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ConvLatencyTable:
+        fields = dict(data)
+        for name in ("kernel_size", "stride", "dilation"):
+            a, b = fields[name]
+            fields[name] = (int(a), int(b))
+        if not isinstance(fields["padding"], str):
+            a, b = fields["padding"]
+            fields["padding"] = (int(a), int(b))
+        fields["input_shape"] = tuple(int(d) for d in fields["input_shape"])
+        ranks: dict[Pair, float] = {}
+        for text, t in fields["ranks"].items():
+            o, i = text.split("x")
+            ranks[(int(o), int(i))] = float(t)
+        fields["ranks"] = ranks
+        return cls(**fields)
+
+
+def _geometry(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+    bias: bool,
+    padding_mode: str,
+) -> list[Any]:
+    pad: Any = padding if isinstance(padding, str) else list(padding)
+    return [
+        in_channels,
+        out_channels,
+        list(kernel_size),
+        list(stride),
+        pad,
+        list(dilation),
+        bias,
+        padding_mode,
+    ]
+
+
+def conv_table_key(
+    backend: str,
+    geometry: list[Any],
+    input_shape: Iterable[int],
+    dtype: str,
+    torch_version: str,
+) -> str:
+    """Cache key of a :class:`ConvLatencyTable` (prefixed ``conv-``: disjoint from matrix keys)."""
+    text = json.dumps(["TuckerConv2d", backend, geometry, list(input_shape), dtype, torch_version])
+    return "conv-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def save_conv_table(table: ConvLatencyTable, directory: Path | None = None) -> Path:
+    """Write a conv table to the cache (same directory and atomic write as :func:`save_table`)."""
+    path = _table_path(table.key(), directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table.to_json(), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_conv_table(key: str, directory: Path | None = None) -> ConvLatencyTable | None:
+    """The cached conv table for ``key``, or None (missing or unreadable)."""
+    try:
+        return ConvLatencyTable.from_json(json.loads(_table_path(key, directory).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _scaled_pair(requested: Pair, lead: int) -> Pair:
+    """``requested`` scaled so its larger rank is ``lead`` (the other keeps the ratio, ≥ 1)."""
+    r_out, r_in = requested
+    top = max(r_out, r_in)
+    if lead >= top:
+        return requested
+    return (max(1, round(r_out * lead / top)), max(1, round(r_in * lead / top)))
+
+
+def tucker_candidate_pairs(requested: Pair, step: int, *, min_fraction: float = 0.5) -> list[Pair]:
+    """Rank pairs to time: the larger rank by :func:`candidate_ranks`, the other scaled with it.
+
+    >>> tucker_candidate_pairs((32, 16), 8)
+    [(32, 16), (24, 12), (16, 8)]
+    >>> tucker_candidate_pairs((20, 10), 8, min_fraction=0.7)  # 20 → 16 on the tile
+    [(16, 8)]
+    >>> tucker_candidate_pairs((4, 6), 8)  # below one tile: only the requested pair
+    [(4, 6)]
+    """
+    leads = candidate_ranks(max(requested), step, min_fraction=min_fraction)
+    return [_scaled_pair(requested, lead) for lead in leads]
+
+
+def choose_tucker_ranks(table: ConvLatencyTable, requested: Pair, step: int) -> Pair | None:
+    """The rank pair to use for one conv, or None when no Tucker pair beats the dense conv.
+
+    Pure function of the table: the larger requested rank is rounded down to the tile and
+    stepped down by ``step``, the other rank scaled with it (:func:`tucker_candidate_pairs`);
+    :func:`surgery.lowrank.pick_rank_below_cliff` picks on the larger rank's latency curve.
+
+    >>> t = ConvLatencyTable("fake", 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), (1, 64, 8, 8),
+    ...                      "float32", "x", dense=2.0,
+    ...                      ranks={(32, 16): 1.5, (24, 12): 1.45, (16, 8): 0.9, (8, 4): 0.85})
+    >>> choose_tucker_ranks(t, (32, 16), 8)  # the cliff is between 24×12 and 16×8
+    (16, 8)
+    """
+    lead = max(requested)
+    top = lead - lead % step if lead >= step else lead
+    by_lead: dict[int, float] = {}
+    for r in range(top, 0, -step if top >= step else -top):
+        pair = _scaled_pair(requested, r)
+        if pair in table.ranks:
+            by_lead[r] = table.ranks[pair]
+    pick = pick_rank_below_cliff(by_lead, table.dense, top, step if top >= step else top)
+    return None if pick is None else _scaled_pair(requested, pick)
+
+
+def _tucker(conv: nn.Conv2d, pair: Pair) -> nn.Module:
+    from surgery.modules.tucker_conv import TuckerConv2d  # the layer the pass would build
+
+    r_out, r_in = pair
+    return TuckerConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        rank_in=r_in,
+        rank_out=r_out,
+        kernel_size=_two(conv.kernel_size),
+        stride=_two(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
+        dilation=_two(conv.dilation),
+        bias=conv.bias is not None,
+        dtype=str(conv.weight.dtype).removeprefix("torch."),
+        padding_mode=conv.padding_mode,  # type: ignore[arg-type]
+    )
+
+
+def _two(v: Any) -> tuple[int, int]:
+    a, b = (v, v) if isinstance(v, int) else v
+    return (int(a), int(b))
+
+
+def measure_tucker_conv(
+    backend: Backend,
+    conv: nn.Conv2d,
+    input_shape: tuple[int, ...],
+    pairs: Iterable[Pair],
+    *,
+    warmup: int = 3,
+    repeats: int = 15,
+) -> ConvLatencyTable:
+    """Time a dense conv of ``conv``'s geometry and a TuckerConv2d per rank pair (no cache).
+
+    Weights are random (latency does not depend on their values); variants run in
+    interleaved rounds like :func:`measure_linear`.
+    """
+    dtype = conv.weight.dtype
+    dense = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        _two(conv.kernel_size),
+        stride=_two(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
+        dilation=_two(conv.dilation),
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        dtype=dtype,
+    )
+    variants: dict[Pair | None, nn.Module] = {None: dense}
+    for pair in pairs:
+        variants[(int(pair[0]), int(pair[1]))] = _tucker(conv, pair)
+    medians = _time_variants(backend, variants, input_shape, dtype, warmup, repeats)
+    dense_s = medians.pop(None)
+    return ConvLatencyTable(
+        backend=backend.name,
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=_two(conv.kernel_size),
+        stride=_two(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
+        dilation=_two(conv.dilation),
+        input_shape=tuple(input_shape),
+        dtype=str(dtype).removeprefix("torch."),
+        torch_version=torch.__version__,
+        dense=dense_s,
+        ranks={p: t for p, t in medians.items() if p is not None},
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        repeats=repeats,
+    )
+
+
+def tucker_latency_table(
+    backend: Backend,
+    conv: nn.Conv2d,
+    input_shape: tuple[int, ...],
+    pairs: Iterable[Pair],
+    *,
+    warmup: int = 3,
+    repeats: int = 15,
+    directory: Path | None = None,
+    refresh: bool = False,
+) -> ConvLatencyTable:
+    """The cached conv table when it covers ``pairs``, else a fresh measurement (then cached).
+
+    Like :func:`latency_table`, a table lacking some pairs is measured again as a whole.
+    """
+    wanted = {(int(o), int(i)) for o, i in pairs}
+    key = conv_table_key(
+        backend.name,
+        _geometry(
+            conv.in_channels,
+            conv.out_channels,
+            _two(conv.kernel_size),
+            _two(conv.stride),
+            conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
+            _two(conv.dilation),
+            conv.bias is not None,
+            conv.padding_mode,
+        ),
+        input_shape,
+        str(conv.weight.dtype).removeprefix("torch."),
+        torch.__version__,
+    )
+    cached = None if refresh else load_conv_table(key, directory)
+    if cached is not None and wanted <= set(cached.ranks):
+        return cached
+    if cached is not None:
+        wanted |= set(cached.ranks)
+    table = measure_tucker_conv(
+        backend,
+        conv,
+        input_shape,
+        sorted(wanted, reverse=True),
+        warmup=warmup,
+        repeats=repeats,
+    )
+    save_conv_table(table, directory)
+    return table
+
+
+def keep_if_faster_tucker_ranks(
+    convs: Mapping[str, nn.Module],
+    analysis: Analysis,
+    requested: Mapping[str, Pair],
+    backend: Backend,
+    *,
+    step: int | None = None,
+    min_fraction: float = 0.5,
+    repeats: int = 15,
+    directory: Path | None = None,
+) -> dict[str, Pair | None]:
+    """For ``decompose … keep if faster`` on ``k×k`` convs: the ``(r_out, r_in)`` per conv,
+    None to stay dense.
+
+    ``convs`` maps each path to its ``Conv2d`` and ``requested[path]`` is the pair the plan
+    chose. Each conv is timed alone at its analysed input shape on ``backend`` (cached on disk
+    per geometry); the choice is :func:`choose_tucker_ranks` with the target's tile. Raises
+    ``ValueError`` for a path that is not an ungrouped Conv2d with a known input shape,
+    ``LoweringError`` if the backend is unavailable or cannot lower a layer.
+    """
+    step = step or tile_for(backend.name)
+    available, why = backend.is_available()
+    if not available:
+        raise LoweringError(f"cannot time layers on {backend.name}: {why}")
+    chosen: dict[str, Pair | None] = {}
+    for path, conv in convs.items():
+        info = analysis.modules.get(path)
+        if info is None:
+            raise ValueError(f"`{path}` is not a module of the analysed model")
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+            raise ValueError(f"`{path}` ({type(conv).__name__}) is not an ungrouped Conv2d")
+        if not info.input_shapes:
+            raise ValueError(f"`{path}` was never called on the example inputs: no input shape")
+        pairs = tucker_candidate_pairs(requested[path], step, min_fraction=min_fraction)
+        table = tucker_latency_table(
+            backend,
+            conv,
+            tuple(info.input_shapes[0]),
+            pairs,
+            repeats=repeats,
+            directory=directory,
+        )
+        chosen[path] = choose_tucker_ranks(table, requested[path], step)
+    return chosen

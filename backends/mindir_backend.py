@@ -6,7 +6,11 @@ backend translates the graph itself:
 1. ``torch.export`` (non-strict, :func:`~surgery.backends.base.export_program`) gives the aten
    graph; it is **not** decomposed further (``run_decompositions`` fails on GPT-2 with SDPA
    attention), so the rules below cover the ops such graphs hold: ``linear``, ``matmul``,
-   convolutions, norms, activations, softmax, attention, reshapes and friends;
+   ``einsum``, convolutions (transposed and ``padding="same"`` too), norms, activations,
+   softmax, attention, top-k / sort / gather / scatter, reshapes and friends. MindSpore's
+   ``Einsum`` has no CPU kernel, so an einsum becomes transposes, reshapes and batched
+   matmuls; an in-place write into a view (``scores[:, 0] = inf``, a ``fill_`` of a
+   ``select``) rebinds the viewed tensor to a ``where`` over the positions it covers;
 2. nodes that do not depend on the inputs' values or on a parameter (``arange``, mask
    constants, buffer slices, ``zeros_like``) are **folded** by running them in torch once;
    their results become constants of the cell;
@@ -39,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import string
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -802,19 +807,23 @@ def _conv(g: _Codegen, n: Node) -> str:
     dilation = _tuple(_arg(n, 5, "dilation", 1), k)
     if str(n.target) == "aten.convolution.default":
         if _a(n)[6]:
-            raise g.error("transposed convolution is not mapped")
+            return _conv_transpose(g, n)
         groups = int(_a(n)[8])
     else:
         groups = int(_arg(n, 6, "groups", 1))
-    if isinstance(padding, str):
-        if padding == "valid":
-            pads = (0,) * k
-        else:  # "same" (stride 1): torch pads the extra element at the end
-            raise g.error("padding='same' is not mapped; give the padding as numbers")
+    xs = g.r(x)
+    if padding == "valid":
+        pads = (0,) * k
+    elif padding == "same":  # stride 1: torch pads the odd element at the end
+        total = [d * (s - 1) for d, s in zip(dilation, g.shape(w)[2:])]
+        pads = tuple(t // 2 for t in total)
+        if any(t % 2 for t in total):  # uneven: pad the input explicitly, the conv pads none
+            flat = [p for t in reversed(total) for p in (t // 2, t - t // 2)]
+            xs, pads = g.tmp(f"ops.pad({xs}, {g.r(tuple(flat))})"), (0,) * k
     else:
         pads = _tuple(padding, k)
     if k == 1:  # MindSpore's conv1d is NCW-only on some devices: run it as a 1×W conv2d
-        x2 = f"ops.expand_dims({g.r(x)}, 2)"
+        x2 = f"ops.expand_dims({xs}, 2)"
         w2 = f"ops.expand_dims({g.r(w)}, 2)"
         y = (
             f"ops.conv2d({x2}, {w2}, {g.r(b)}, {g.r((1, stride[0]))}, 'pad', "
@@ -824,9 +833,44 @@ def _conv(g: _Codegen, n: Node) -> str:
     if k not in (2, 3):
         raise g.error(f"{k}-d convolution is not mapped")
     return (
-        f"ops.conv{k}d({g.r(x)}, {g.r(w)}, {g.r(b)}, {g.r(stride)}, 'pad', {g.r(pads)}, "
+        f"ops.conv{k}d({xs}, {g.r(w)}, {g.r(b)}, {g.r(stride)}, 'pad', {g.r(pads)}, "
         f"{g.r(dilation)}, {groups})"
     )
+
+
+@_rule("aten.conv_transpose1d.default", "aten.conv_transpose2d.input")
+def _conv_transpose(g: _Codegen, n: Node) -> str:
+    """A transposed convolution as MindSpore's ``Conv2DTranspose`` primitive (its CPU kernel).
+
+    ``ops.conv_transpose2d`` has no CPU kernel; the primitive takes the output size, which
+    carries ``output_padding``. 1-d runs as a 1×W 2-d one.
+    """
+    x, w = _a(n)[:2]
+    b = _arg(n, 2, "bias")
+    k = g.rank(x) - 2
+    if str(n.target) == "aten.convolution.default":
+        stride, padding, dilation, groups = _a(n)[3], _a(n)[4], _a(n)[5], int(_a(n)[8])
+    else:
+        stride, padding = _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0)
+        groups, dilation = int(_arg(n, 6, "groups", 1)), _arg(n, 7, "dilation", 1)
+    if k not in (1, 2):
+        raise g.error(f"{k}-d transposed convolution is not mapped")
+    stride, pads, dilation = _tuple(stride, k), _tuple(padding, k), _tuple(dilation, k)
+    out = g.out_shape(n)
+    xs, ws, kernel = g.r(x), g.r(w), tuple(g.shape(w)[2:])
+    if k == 1:
+        xs, ws = f"ops.expand_dims({xs}, 2)", f"ops.expand_dims({ws}, 2)"
+        stride, pads, dilation, kernel = (1, *stride), (0, *pads), (1, *dilation), (1, *kernel)
+        out = (out[0], out[1], 1, out[2])
+    prim = (
+        f"ops.Conv2DTranspose({out[1]}, {g.r(kernel)}, pad_mode='pad', "
+        f"pad={g.r((pads[0], pads[0], pads[1], pads[1]))}, stride={g.r(stride)}, "
+        f"dilation={g.r(dilation)}, group={groups})"
+    )
+    y = f"{prim}({xs}, {ws}, {g.r(out)})"
+    if b is not None:
+        y = f"ops.add({y}, ops.reshape({g.r(b)}, {g.r((1, -1, 1, 1))}))"
+    return f"ops.squeeze({y}, 2)" if k == 1 else y
 
 
 @_rule("aten.max_pool2d.default", "aten.avg_pool2d.default")
@@ -895,6 +939,228 @@ def _sdpa(g: _Codegen, n: Node) -> str:
     return f"ops.matmul(ops.softmax({scores}, -1), {vv})"
 
 
+# --- einsum -------------------------------------------------------------------------------
+
+
+def _einsum_terms(equation: str, shapes: Sequence[tuple[int, ...]]) -> tuple[list[str], str]:
+    """The operand and output subscripts of ``equation`` with ``...`` spelled out as letters.
+
+    >>> _einsum_terms("bhd,bhtd->bht", [(2, 3, 4), (2, 3, 5, 4)])
+    (['bhd', 'bhtd'], 'bht')
+    >>> _einsum_terms("...ij,jk", [(5, 2, 3), (3, 4)])
+    (['Aij', 'jk'], 'Aik')
+    """
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes):
+        raise LoweringError(f"mindir: einsum `{equation}` has {len(shapes)} operands")
+    used = {c for c in eq if c.isalpha()}
+    spare = [c for c in string.ascii_uppercase + string.ascii_lowercase if c not in used]
+    ranks = [len(s) - (len(t) - 3) for t, s in zip(terms, shapes) if "..." in t]
+    ell = "".join(spare[: max(ranks, default=0)])
+    out = []
+    for t, s in zip(terms, shapes):
+        if "..." in t:
+            k = len(s) - (len(t) - 3)
+            t = t.replace("...", ell[len(ell) - k :])
+        if len(t) != len(s) or not t.isalpha():
+            raise LoweringError(f"mindir: einsum `{equation}` does not match shapes {shapes}")
+        out.append(t)
+    if arrow:
+        rhs = rhs.replace("...", ell)
+    else:  # implicit output: the ellipsis, then the letters seen once, in alphabetical order
+        counts = {c: "".join(out).count(c) for c in "".join(out)}
+        rhs = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
+    return out, rhs
+
+
+@_rule("aten.einsum.default")
+def _einsum(g: _Codegen, n: Node) -> str:
+    # MindSpore's Einsum has no CPU kernel: contract pairwise, left to right, as a batched
+    # matmul between transposes and reshapes (sums for letters only one operand has).
+    equation, operands = _a(n)[:2]
+    dtype = g.dtype(n)
+    shapes = [g.shape(x) for x in operands]
+    try:
+        terms, output = _einsum_terms(equation, shapes)
+    except LoweringError as exc:
+        raise g.error(str(exc).removeprefix("mindir: ")) from exc
+    if any(len(set(t)) != len(t) for t in [*terms, output]):
+        raise g.error(f"einsum `{equation}` repeats a subscript (a diagonal): not mapped")
+    size: dict[str, int] = {}
+    for t, s in zip(terms, shapes):
+        for c, d in zip(t, s):
+            size[c] = d if size.get(c, 1) == 1 else size[c]
+    if any(c not in size for c in output):
+        raise g.error(f"einsum `{equation}`: an output subscript is on no operand")
+
+    def arrange(x: str, have: str, want: str) -> str:
+        """``x`` with subscripts ``have`` reordered as ``want``."""
+        if have != want:
+            x = g.tmp(f"ops.transpose({x}, {g.r(tuple(have.index(c) for c in want))})")
+        return x
+
+    def reduce(x: str, have: str, keep: str) -> tuple[str, str]:
+        """Sum ``x`` over the subscripts of ``have`` that are not in ``keep``."""
+        gone = tuple(i for i, c in enumerate(have) if c not in keep)
+        if not gone:
+            return x, have
+        return g.tmp(f"ops.sum({x}, {g.r(gone)}, False)"), "".join(c for c in have if c in keep)
+
+    def prepared(i: int, keep: str) -> tuple[str, str]:
+        """Operand ``i`` summed over the subscripts not in ``keep``, broadcast to full size."""
+        x, term = g.cast_to(operands[i], dtype), terms[i]
+        x, kept = reduce(x, term, keep)
+        have = tuple(d for c, d in zip(term, shapes[i]) if c in kept)
+        want = tuple(size[c] for c in kept)
+        return (x if have == want else g.tmp(f"ops.broadcast_to({x}, {g.r(want)})")), kept
+
+    cur, cur_term = prepared(0, "".join(terms[1:]) + output)
+    for i in range(1, len(terms)):
+        later = "".join(terms[i + 1 :]) + output
+        other, other_term = prepared(i, cur_term + later)
+        batch = "".join(c for c in cur_term if c in other_term and c in later)
+        contract = "".join(c for c in cur_term if c in other_term and c not in later)
+        left = "".join(c for c in cur_term if c not in other_term)
+        right = "".join(c for c in other_term if c not in cur_term)
+        nb, nl, nk, nr = (math.prod(size[c] for c in s) for s in (batch, left, contract, right))
+        a = arrange(cur, cur_term, batch + left + contract)
+        b = arrange(other, other_term, batch + contract + right)
+        a = g.tmp(f"ops.reshape({a}, {g.r((nb, nl, nk))})")
+        b = g.tmp(f"ops.reshape({b}, {g.r((nb, nk, nr))})")
+        prod = g.tmp(f"ops.matmul({a}, {b})")
+        cur_term = batch + left + right
+        cur = g.tmp(f"ops.reshape({prod}, {g.r(tuple(size[c] for c in cur_term))})")
+    cur, cur_term = reduce(cur, cur_term, output)
+    return arrange(cur, cur_term, output)
+
+
+# --- selection: top-k, sort, scatter ------------------------------------------------------
+
+
+@_rule("aten.topk.default")
+def _topk(g: _Codegen, n: Node) -> str:
+    x, k = _a(n)[:2]
+    d = g.dim(x, _arg(n, 2, "dim", -1))
+    largest = bool(_arg(n, 3, "largest", True))  # sorted=False: any order, so sorted
+    pair = g.tmp(f"ops.topk({g.r(x)}, {int(k)}, {d}, {largest}, True)")
+    return f"({pair}[0], ops.cast({pair}[1], ms.int64))"
+
+
+@_rule("aten.sort.default", "aten.sort.stable")
+def _sort(g: _Codegen, n: Node) -> str:
+    x = _a(n)[0]
+    if str(n.target) == "aten.sort.stable":
+        d, descending = _k(n).get("dim", -1), bool(_k(n).get("descending", False))
+    else:
+        d, descending = _arg(n, 1, "dim", -1), bool(_arg(n, 2, "descending", False))
+    pair = g.tmp(f"ops.sort({g.r(x)}, {g.dim(x, d)}, {descending})")
+    return f"({pair}[0], ops.cast({pair}[1], ms.int64))"
+
+
+@_rule("aten.take_along_dim.default")
+def _take_along_dim(g: _Codegen, n: Node) -> str:
+    x, index = _a(n)[:2]
+    d = _arg(n, 2, "dim")
+    if d is None:
+        raise g.error("take_along_dim without a dim is not mapped")
+    out = g.out_shape(n)
+    d = g.dim(n, d)
+    xs = g.r(x)
+    want = (*out[:d], g.shape(x)[d], *out[d + 1 :])
+    if g.shape(x) != want:
+        xs = f"ops.broadcast_to({xs}, {g.r(want)})"
+    idx = g.cast_to(index, torch.int64)
+    if g.shape(index) != out:
+        idx = f"ops.broadcast_to({idx}, {g.r(out)})"
+    return f"ops.gather_elements({xs}, {d}, {idx})"
+
+
+@_rule("aten.scatter.src", "aten.scatter.value")
+def _scatter(g: _Codegen, n: Node) -> str:
+    x, dim, index, src = _a(n)[:4]
+    if _k(n).get("reduce") is not None:
+        raise g.error("scatter with a reduction is not mapped")
+    d = g.dim(x, dim)
+    ishape = g.shape(index)
+    dtype = g.dtype(n)
+    if isinstance(src, Node | Tensor):
+        upd = g.cast_to(src, dtype)
+        if g.shape(src) != ishape:  # torch reads only the index's extent of src
+            upd = f"{upd}[{', '.join(f':{s}' for s in ishape)}]"
+    else:
+        upd = g.const(torch.full(ishape, src, dtype=dtype))
+    return f"ops.tensor_scatter_elements({g.r(x)}, {g.cast_to(index, torch.int64)}, {upd}, {d})"
+
+
+@_rule("aten.any.dim", "aten.any.dims", "aten.any.default", "aten.all.dim", "aten.all.default")
+def _any_all(g: _Codegen, n: Node) -> str:
+    x = _a(n)[0]
+    op = "ops.any" if "any" in str(n.target) else "ops.all"
+    dims = _dims(g, x, None if str(n.target).endswith("default") else _arg(n, 1, "dim"))
+    keep = False if str(n.target).endswith("default") else bool(_arg(n, 2, "keepdim", False))
+    return f"{op}({g.cast_to(x, torch.bool)}, {g.r(dims)}, {keep})"
+
+
+# --- in-place writes into views -----------------------------------------------------------
+
+# Ops whose result shares its input's storage (a write into them writes into the input).
+_VIEWS = {"aten.select.int", "aten.slice.Tensor", "aten.alias.default", "aten.narrow.default"}
+
+
+def _is_in_place(node: Node) -> bool:
+    """``add_``, ``fill_``: an aten op that writes into its first argument."""
+    packet = str(node.target).rpartition(".")[0]
+    return node.op == "call_function" and packet.endswith("_") and not packet.endswith("__")
+
+
+def _view_base(arg: Any) -> Any:
+    """The tensor a chain of views (``x[:, 0]``) reads from, or ``arg`` itself."""
+    while isinstance(arg, Node) and str(arg.target) in _VIEWS:
+        arg = arg.args[0]
+    return arg
+
+
+@_rule("aten.fill_.Tensor", "aten.fill_.Scalar")
+def _fill_(g: _Codegen, n: Node) -> str:
+    """``x[:, 0] = v`` (a fill of a view): ``x`` rebound to ``where(covered, v, x)``."""
+    view, value = _a(n)[:2]
+    base = _view_base(view)
+    if not isinstance(view, Node) or not isinstance(base, Node) or base in g.folded:
+        raise g.error("fill_ of a constant with a computed value is not mapped")
+    dtype = g.dtype(base)
+    assert dtype is not None
+    if not g.order:
+        g.order.update((node, i) for i, node in enumerate(g.graph.nodes))
+    here = g.order[n]
+    chain: list[Node] = []
+    node: Any = view
+    while node is not base:
+        chain.append(node)
+        node = node.args[0]
+    for v in chain:  # a view read after the write would have to see it: not expressible
+        if any(g.order[u] > here for u in v.users if u is not n and u not in chain):
+            raise g.error(f"fill_ writes through `{v.name}`, which is read afterwards")
+    for u in base.users:  # so would another view of the base taken before the write
+        if str(u.target) in _VIEWS and u not in chain and g.order[u] < here:
+            if any(g.order[w] > here for w in u.users):
+                raise g.error(f"fill_ writes into `{base.name}` while its view `{u.name}` lives")
+    shape = g.shape(base)
+    positions: Tensor = torch.arange(math.prod(shape)).reshape(shape)
+    for v in reversed(chain):  # the positions of the base the view covers, computed in torch
+        op: Any = v.target
+        positions = op(positions, *v.args[1:], **v.kwargs)
+    covered = torch.zeros(math.prod(shape), dtype=torch.bool)
+    covered[positions.flatten()] = True
+    new = g.tmp(
+        f"ops.where({g.const(covered.reshape(shape))}, {g.scalar_tensor(value, dtype)}, "
+        f"{g.r(base)})"
+    )
+    g.names[base] = new  # later readers of the base see the write
+    return new
+
+
 # --- translation ----------------------------------------------------------------------------
 
 
@@ -920,16 +1186,31 @@ def _placeholder_values(program: Any) -> tuple[dict[str, Tensor], dict[str, Tens
 
 
 def _live(graph: Any) -> set[Node]:
-    """Nodes the outputs depend on (asserts and dead code are left out)."""
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    """Nodes the outputs depend on (asserts and dead code are left out).
+
+    An in-place write (``scores[:, 0] = inf`` is a ``fill_`` of a ``select``) has no users,
+    but it is live when the tensor it writes into is.
+    """
     live: set[Node] = set()
-    stack = [out]
-    while stack:
-        node = stack.pop()
-        if node in live:
-            continue
-        live.add(node)
-        stack.extend(node.all_input_nodes)
+
+    def mark(start: Node) -> None:
+        stack = [start]
+        while stack:
+            node = stack.pop()
+            if node in live:
+                continue
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+
+    mark(next(n for n in reversed(graph.nodes) if n.op == "output"))
+    writes = [n for n in graph.nodes if _is_in_place(n) and n.args]
+    changed = True
+    while changed:
+        changed = False
+        for node in writes:
+            if node not in live and _view_base(node.args[0]) in live:
+                mark(node)
+                changed = True
     return live
 
 

@@ -16,6 +16,10 @@ TVM needs MetaSchedule tuning per workload (original and surgered differ), minut
 on 2 cores, so it runs only when asked: ``--backends torch-cpu,onnx-cpu,tvm-llvm
 --tvm-trials 8``; the tuning database is cached (``~/.cache/surgery/tvm``).
 
+MindSpore's CPU runtime is asked for the same way, ``--backends torch-cpu,mindir-cpu``
+(needs ``pip install mindspore==2.10.0``): each model is rebuilt as a MindSpore cell,
+exported to MINDIR, reloaded and timed as a ``GraphCell``.
+
 Run: ``python bench/backends_speedup.py`` (≈5–8 minutes on 2 idle cores).
 """
 
@@ -123,7 +127,11 @@ def one_model(name: str, backends: list[str], args: argparse.Namespace) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(RECIPES))
-    parser.add_argument("--backends", default="torch-cpu,onnx-cpu")
+    parser.add_argument(
+        "--backends",
+        default="torch-cpu,onnx-cpu",
+        help="comma-separated: torch-cpu, onnx-cpu, tvm-llvm, mindir-cpu",
+    )
     parser.add_argument("--tvm-trials", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)

@@ -2,7 +2,9 @@
 
 Prints one JSON object. Every encoder ``Linear`` is decomposed under one global budget
 (``budget params 50%``: the decomposed Linears keep half their weights), each method with and
-without a short heal. The 64 real sentences of ``recipes/data/sentences.txt`` are split: even
+without a short heal, and each with two allocations of the budget: ``spectrum`` (the layers'
+own data-aware spectra) and ``sensitivity`` (``budget params 50% by sensitivity``: each layer
+weighed by the model drift it causes alone, measured on the calibration half). The 64 real sentences of ``recipes/data/sentences.txt`` are split: even
 lines calibrate (and heal), odd lines evaluate. On the evaluation half:
 
 * ``drift``: mean over sentences of ``1 − cos(e, e₀)`` between the mean-pooled
@@ -107,16 +109,20 @@ def main() -> None:
     analysis = analyze(original, calibration[0])
     pct = f"{round(args.budget * 100)}%"
     results: dict[str, dict[str, object]] = {}
-    for method in ("svd", "asvd", "svd-llm"):
-        text = f'decompose Linear where name ~ "encoder.*" budget params {pct} method {method}'
+    for method, by in [
+        (m, b) for b in ("spectrum", "sensitivity") for m in ("svd", "asvd", "svd-llm")
+    ]:
+        weighing = " by sensitivity" if by == "sensitivity" else ""
+        text = (
+            f'decompose Linear where name ~ "encoder.*" budget params {pct}{weighing} '
+            f"method {method}"
+        )
         model = copy.deepcopy(original)
         ctx = PassContext(
             analysis=analysis, example=calibration[0], calibration=calibration, original=original
         )
         t0 = time.perf_counter()
-        p = DecomposePass(parse(text).statements[0], ctx)
-        plan = p.plan(model)
-        p.apply(model, plan)
+        plan, _ = DecomposePass(parse(text).statements[0], ctx).run(model)
         seconds = time.perf_counter() - t0
         totals = plan.totals()
         entry: dict[str, object] = {
@@ -134,8 +140,7 @@ def main() -> None:
                 "loss_first": round(report.losses[0], 6),
                 "loss_last": round(report.losses[-1], 6),
             }
-        results[method] = entry
-    svd_drift = results["svd"]["no_heal"]["drift"]  # type: ignore[index]
+        results[f"{method} by {by}"] = entry
     print(
         json.dumps(
             {
@@ -146,7 +151,12 @@ def main() -> None:
                 "lr": args.lr,
                 "results": results,
                 "drift_ratio_vs_svd": {
-                    m: round(results[m]["no_heal"]["drift"] / svd_drift, 4)  # type: ignore[index]
+                    f"{m} by {by}": round(
+                        results[f"{m} by {by}"]["no_heal"]["drift"]  # type: ignore[index]
+                        / results[f"svd by {by}"]["no_heal"]["drift"],  # type: ignore[index]
+                        4,
+                    )
+                    for by in ("spectrum", "sensitivity")
                     for m in ("asvd", "svd-llm")
                 },
                 "seconds": round(time.perf_counter() - started, 1),

@@ -173,10 +173,13 @@ class Rank(Node):
 
 
 class Budget(Node):
-    """``budget params 50%``: a global budget shared by all layers the selector matches."""
+    """``budget params 50% [by sensitivity]``: a global budget shared by all layers the
+    selector matches; ``by`` names how layers are weighed against each other (default: their
+    spectra alone)."""
 
     resource: Literal["params", "flops"]
     value: Number
+    by: Name | None = None
 
 
 # --- statements ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ LANGUAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "decompose": {
         "type": ("Linear", "Conv1D", "Conv2d"),
         "method": ("svd", "asvd", "svd-llm", "tucker"),
+        "budget by": ("sensitivity",),
     },
     "split": {"type": ("Conv3d",), "combine": ("add", "cat")},
     "sparsify": {"type": ("Linear",)},
@@ -277,6 +278,7 @@ class _Checker:
             self.positive(s.progressive, "`progressive` steps")
             if s.budget is not None:
                 self.fraction(s.budget.value, "a budget")
+                self.name_in(s.budget.by, LANGUAGE[verb]["budget by"], "budget weighing", verb)
             if s.rank is not None and s.budget is not None:
                 self.error(
                     "S0204",
@@ -306,6 +308,11 @@ class _Checker:
                     verb, "keep_if_faster", s.keep_if_faster, shown="keep if faster"
                 )
                 self.option_implemented(verb, "budget", s.budget)
+                by = s.budget.by if s.budget is not None else None
+                if by is not None and by.value in LANGUAGE[verb]["budget by"]:
+                    self.option_implemented(
+                        verb, "budget by", by, by.value, f"budget ... by {by.value}"
+                    )
         elif isinstance(s, ast.Group):
             self.positive(s.kv, "`kv`", "use `kv = 1` for multi-query attention")
             self.positive(s.q, "`q`")

@@ -108,6 +108,8 @@ def format_statement(stmt: ast.Statement) -> str:
             out.append("keep if faster")
         if s.budget:
             out.append(f"budget {s.budget.resource} {format_number(s.budget.value)}")
+            if s.budget.by:
+                out.append(f"by {s.budget.by.value}")
     elif isinstance(s, ast.Group):
         out = ["group"]
         if s.q:

@@ -594,12 +594,15 @@ def allocate_budget(
     kind: BudgetKind,
     *,
     multiple: int = 1,
+    weights: dict[str, float] | None = None,
 ) -> dict[str, int]:
     """Per-layer ranks that fit a global cost budget while keeping the most spectral energy.
 
     The budget is ``budget_fraction × Σ dense cost`` of ``layers`` (cost per
     :func:`layer_cost`: weights for ``"params"``, ``2·tokens·in·out`` for ``"flops"``). The
-    objective is the sum over layers of the kept fraction of each layer's ``Σσ²``.
+    objective is the sum over layers of the kept fraction of each layer's ``Σσ²``, each
+    layer's term multiplied by ``weights[name]`` when given (measured sensitivities,
+    :mod:`surgery.sensitivity`; a missing name weighs 1).
 
     Algorithm (greedy on marginal gain per unit cost, with a heap):
 
@@ -649,6 +652,8 @@ def allocate_budget(
             return
         nxt = full if r >= cap else r + step
         gain = cum[min(nxt, len(cum) - 1)] - cum[min(r, len(cum) - 1)]
+        if weights is not None:
+            gain *= weights.get(layer.name, 1.0)
         cost = layer_cost(layer, nxt, kind) - layer_cost(layer, r, kind)
         heapq.heappush(heap, (-gain / cost, i, cost))
 

@@ -278,9 +278,18 @@ class _Build(Transformer[Token, Any]):
         return self._opt("keep_if_faster", ast.Flag(span=self._span(meta)), meta)
 
     def opt_budget(self, meta: Any, children: list[Any]) -> _Opt:
-        resource, value = children
-        budget = ast.Budget(resource=str(resource), value=value, span=self._span(meta))  # type: ignore[arg-type]
+        resource, value, *by = children
+        budget = ast.Budget(
+            resource=str(resource),  # type: ignore[arg-type]
+            value=value,
+            by=by[0] if by else None,
+            span=self._span(meta),
+        )
         return self._opt("budget", budget, meta)
+
+    def budget_by(self, meta: Any, children: list[Any]) -> ast.Name:
+        name: ast.Name = children[0]
+        return name
 
     def opt_trials(self, meta: Any, children: list[Any]) -> _Opt:
         return self._opt("trials", children[0], meta)

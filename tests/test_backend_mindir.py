@@ -3,11 +3,13 @@
 Needs MindSpore (``pip install mindspore==2.10.0``): without it every lowering test skips with
 the backend's own reason. The translation rules are tested op by op on small modules where
 MindSpore's defaults differ from torch's (exact GELU, layer-norm epsilon, masks, dtype
-promotion), then on surgered tiny BERT and GPT-2 through the shared ``verify``.
+promotion) or where MindSpore has no CPU kernel (einsum, transposed convolution), then on
+surgered tiny BERT, GPT-2 and a token-skipping ViT through the shared ``verify``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from surgery.backends.mindir_backend import MindirBackend, generate_cell_source,
 from surgery.check import check
 from surgery.inputs import Inputs
 from surgery.manager import Manager, Run
-from tests.helpers_models import tiny_bert, tiny_gpt2
+from tests.helpers_models import tiny_bert, tiny_gpt2, tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +193,100 @@ def test_conv1d_and_silu(backend: MindirBackend, tmp_path: Path) -> None:
     _lowered_close(backend, model, torch.randn(2, 3, 12), tmp_path=tmp_path)
 
 
+class _Einsum(nn.Module):
+    """The equations the passes produce (token scoring, Tucker kernels) and the odd cases."""
+
+    def forward(self, a: Tensor, b: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+        core = a[:, :, :3, :3]  # (4, 3, 3, 3) as [r_out, r_in, kh, kw]
+        return (
+            torch.einsum("bhd,bhtd->bht", a[:, :, 0], b),  # skip tokens' CLS scores
+            torch.einsum("oikl,so,ic->sckl", core, u, v),  # a Tucker kernel, three operands
+            torch.einsum("...td,...sd", b, b),  # ellipsis, implicit output
+            torch.einsum("bhtd,xhtd->bhd", b, b[:1]),  # a broadcast batch dim of size 1
+            torch.einsum("ijkl->lj", a),  # a sum and a transpose, one operand
+            torch.einsum("ij,ij->", u, u),  # a full contraction to a 0-d tensor
+            torch.einsum("i,j->ij", u[0], v[0]),  # an outer product
+        )
+
+
+def test_einsum_lowered_to_batched_matmuls(backend: MindirBackend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 3, 5, 6), torch.randn(4, 3, 7, 6)
+    u, v = torch.randn(2, 4), torch.randn(3, 2)
+    _lowered_close(backend, _Einsum().eval(), a, b, u, v, tmp_path=tmp_path)
+    source = (tmp_path / "model_cell.py").read_text()
+    assert "einsum" not in source and "ops.matmul" in source  # MindSpore's Einsum has no CPU kernel
+
+
+def test_einsum_diagonal_is_refused() -> None:
+    class Trace(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.einsum("ii->", x)
+
+    with pytest.raises(LoweringError, match=r"einsum `ii->` repeats a subscript"):
+        generate_cell_source(torch.export.export(Trace(), (torch.ones(3, 3),)))
+
+
+class _Selection(nn.Module):
+    """Top-k, sort, take_along_dim, scatter and a write into a view (skip tokens' selection)."""
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        scores = x.mean(-1)  # (B, T)
+        scores[:, 0] = math.inf  # a fill_ of a select: the first token always wins
+        top = scores.topk(4, dim=1)
+        idx = top.indices.sort(dim=1).values  # (B, 4) int64, ascending
+        low = torch.topk(x, 2, dim=1, largest=False).values
+        desc = torch.sort(x, dim=-1, descending=True)
+        kept = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+        cut = torch.take_along_dim(mask, idx[:, None, :], dim=-1)  # (B, 1, 4) from (B, 1, T)
+        full = torch.zeros_like(x).scatter(1, idx[:, :, None].expand(-1, -1, x.shape[-1]), kept)
+        ones = x.scatter(1, idx[:, :, None], 1.0)  # a value into part of the rows
+        return top.values, idx, low, desc.values, desc.indices, cut, full, ones, mask.any(-1)
+
+
+def test_topk_sort_scatter_and_view_writes(backend: MindirBackend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 5)
+    mask = torch.tensor([[[1.0, 0, 1, 1, 0, 1, 1]], [[0.0, 0, 0, 0, 0, 0, 0]]])
+    outs = _lowered_close(backend, _Selection().eval(), x, mask, tmp_path=tmp_path)
+    assert (outs[1][:, 0] == 0).all()  # the view write reached top-k: token 0 is kept
+
+
+def test_write_into_a_view_read_afterwards_is_refused() -> None:
+    class StaleView(nn.Module):
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            y = x * 2
+            first = y[:, 0]  # a view taken before the write, read after it
+            y[:, 0] = 1.0
+            return y, first + 1
+
+    with pytest.raises(LoweringError, match=r"fill_ writes into `mul` while its view"):
+        generate_cell_source(torch.export.export(StaleView(), (torch.ones(2, 3),)))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_conv_padding_same(backend: MindirBackend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding="same"),
+        nn.Conv2d(4, 4, (2, 4), padding="same", dilation=(1, 1)),  # uneven: extra at the end
+        nn.Conv2d(4, 2, 3, padding="valid"),
+    ).eval()
+    _lowered_close(backend, model, torch.randn(1, 3, 9, 8), tmp_path=tmp_path, tol=1e-4)
+    conv1d = nn.Conv1d(2, 3, 4, padding="same", dilation=2).eval()
+    _lowered_close(backend, conv1d, torch.randn(2, 2, 11), tmp_path=tmp_path / "1d", tol=1e-5)
+
+
+def test_transposed_convolution(backend: MindirBackend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0))
+    grouped = nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2, dilation=2, bias=False)
+    model = nn.Sequential(up, nn.ReLU(), grouped).eval()
+    _lowered_close(backend, model, torch.randn(2, 4, 5, 6), tmp_path=tmp_path, tol=1e-4)
+    conv1d = nn.ConvTranspose1d(3, 2, 4, stride=3, padding=1).eval()
+    _lowered_close(backend, conv1d, torch.randn(2, 3, 7), tmp_path=tmp_path / "1d", tol=1e-5)
+
+
 class _Unmapped(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.cumprod(x, dim=1) + 1
@@ -241,6 +337,15 @@ def test_surgered_model_numerics(
     assert v.speed is not None and v.speed.repeats == 3 and v.speed.device == "mindir-cpu"
     assert v.artifacts == [tmp_path / "model.mindir", tmp_path / "model_cell.py"]
     assert "LowRank" not in v.artifacts[1].read_text()  # plain MindSpore ops, no torch modules
+
+
+def test_skip_tokens_vit_numerics(backend: MindirBackend, tmp_path: Path) -> None:
+    # einsum scoring, a write into a view, top-k, sort, take_along_dim, gather, scatter
+    run = _surgered(tiny_vit, "skip tokens 50% after block 0")
+    v = verify(run.original, run.model, backend, run.example, warmup=1, repeats=3, workdir=tmp_path)
+    assert v.status == "ok", str(v)
+    assert v.lowering_error is not None and v.lowering_error <= 1e-5
+    assert v.drift_eager is not None and v.drift_eager > 0  # tokens were skipped
 
 
 def test_mindir_file_reloads_on_its_own(backend: MindirBackend, tmp_path: Path) -> None:

@@ -147,6 +147,7 @@ decomposes = st.builds(
             ast.Budget,
             resource=st.sampled_from(["params", "flops"]),
             value=numbers,
+            by=opt(names(LANGUAGE["decompose"]["budget by"])),
             span=st.just(S),
         )
     ),

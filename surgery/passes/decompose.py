@@ -362,6 +362,7 @@ class DecomposePass(SurgeryPass):
         "round": None,
         "progressive": None,
         "budget": None,
+        "budget by": {"sensitivity"},
         "keep_if_faster": None,
         "where speedup": None,
     }
@@ -721,7 +722,7 @@ class DecomposePass(SurgeryPass):
         stmt: ast.Decompose = self.statement
         live = [c for c in cands if c.row.action != "skip" and c.full is not None]
         if stmt.budget is not None:
-            ranks = self._budget_ranks(live, plan)
+            ranks = self._budget_ranks(model, live, plan)
         else:
             ranks = {c.path: self._rank_rule(c) for c in live}
         for cand in live:
@@ -790,7 +791,9 @@ class DecomposePass(SurgeryPass):
             return rank_for_energy(cand.full.singular_values, rank.value.magnitude)
         return int(rank.value.magnitude)
 
-    def _budget_ranks(self, cands: list[_Candidate], plan: StepPlan) -> dict[str, int]:
+    def _budget_ranks(
+        self, model: nn.Module, cands: list[_Candidate], plan: StepPlan
+    ) -> dict[str, int]:
         budget = self.statement.budget
         assert budget is not None
         spectra = []
@@ -799,9 +802,20 @@ class DecomposePass(SurgeryPass):
             spectra.append(LayerSpectrum(c.path, c.in_f, c.out_f, c.tokens, c.full.singular_values))
         if not spectra:
             return {}
+        weights = None
+        if budget.by is not None and budget.by.value == "sensitivity":
+            weights = self._sensitivities(model, cands)
+            plan.notes.append(
+                f"budget by sensitivity: {len(weights)} layers each truncated alone to half their "
+                "break-even rank and the model's drift measured on the calibration inputs"
+            )
         try:
             ranks = allocate_budget(
-                spectra, budget.value.magnitude, budget.resource, multiple=self._multiple
+                spectra,
+                budget.value.magnitude,
+                budget.resource,
+                multiple=self._multiple,
+                weights=weights,
             )
         except ValueError as exc:
             raise self._error(str(exc), budget, "raise the budget or select fewer layers") from exc
@@ -816,6 +830,30 @@ class DecomposePass(SurgeryPass):
         )
         return ranks
 
+    def _sensitivities(self, model: nn.Module, cands: list[_Candidate]) -> dict[str, float]:
+        """``budget ... by sensitivity``: each layer's weight in the allocation, measured with
+        the layer alone at half its break-even rank (:mod:`surgery.sensitivity`)."""
+        from surgery.sensitivity import layer_sensitivities
+
+        assert self.context is not None
+        probes: dict[str, tuple[nn.Module, float]] = {}
+        for c in cands:
+            assert c.full is not None
+            rank = max(1, min(break_even_rank(c.in_f, c.out_f) // 2, c.full.rank))
+            f = _truncate(c.full, rank)
+            new = (
+                _lowrank_conv_from(c.module, f)
+                if isinstance(c.module, nn.Conv2d | LowRankConv2d)
+                else lowrank_linear_from(c.module, f)
+            )
+            probes[c.path] = (new, 1.0 - f.energy)
+        weights = layer_sensitivities(
+            model, probes, self._calibration(self.context), self.context.progress
+        )
+        for c in cands:
+            c.row.detail["sensitivity"] = round(weights[c.path], 6)
+        return weights
+
     def _costs(self, row: PlanRow, in_f: int, out_f: int, rank: int, old_rank: int | None) -> None:
         bias = row.params_before - (old_rank * (in_f + out_f) if old_rank else in_f * out_f)
         row.params_after = rank * (in_f + out_f) + bias
@@ -823,14 +861,39 @@ class DecomposePass(SurgeryPass):
         dense = old_rank * (in_f + out_f) if old_rank else in_f * out_f
         row.flops_after = row.flops_before * rank * (in_f + out_f) // dense
 
+    def _faster_tucker_ranks(
+        self, cand: _Candidate, requested: tuple[int, int]
+    ) -> tuple[tuple[int, int] | None, str]:
+        """``keep if faster`` for a Tucker conv: the ``(r_out, r_in)`` just below the latency
+        cliff on the recipe's first target (torch CPU when it names none), both ranks scaled
+        together in tile steps of the larger one; None when no pair beats the dense conv.
+
+        The conv and its TuckerConv2d are timed alone at the conv's real input shape; tables
+        are cached on disk and the choice is a pure function of the table
+        (`surgery.backends.latency.choose_tucker_ranks`)."""
+        from surgery.backends import LoweringError, get_backend
+        from surgery.backends.latency import keep_if_faster_tucker_ranks
+
+        assert self.context is not None
+        targets = self.context.options.get("targets") or [("torch", "cpu", None)]
+        backend = get_backend(*targets[0])
+        try:
+            chosen = keep_if_faster_tucker_ranks(
+                {cand.path: cand.module},
+                self.context.analysis,
+                {cand.path: requested},
+                backend,
+            )
+        except (LoweringError, ValueError) as exc:
+            raise self._error(
+                f"`keep if faster` cannot time `{cand.path}` on {backend.name}: {exc}",
+                self.statement.keep_if_faster,
+                help="remove `keep if faster`, or choose a target that is available here",
+            ) from exc
+        return chosen[cand.path], backend.name
+
     def _plan_tucker(self, cand: _Candidate) -> None:
         stmt: ast.Decompose = self.statement
-        if stmt.keep_if_faster is not None:
-            raise self._error(
-                f"`keep if faster` times matrix layers only; `{cand.path}` is a Tucker convolution",
-                stmt.keep_if_faster,
-                help="select Linear/Conv1D/1×1 layers, or drop `keep if faster` for convolutions",
-            )
         module = cand.module
         assert isinstance(module, nn.Conv2d)
         row = cand.row
@@ -863,6 +926,21 @@ class DecomposePass(SurgeryPass):
                 f"Tucker ranks {r_out}×{r_in} save no {what} ({tucker_p:,} vs {dense_p:,} weights)"
             )
             return
+        if stmt.keep_if_faster is not None:
+            # Pairs at or below the requested one in both ranks: they save at least as much.
+            chosen, where = self._faster_tucker_ranks(cand, (r_out, r_in))
+            row.detail["measured_on"] = where
+            if chosen is None:
+                row.action = "skip"
+                row.note = f"no rank ≤ {r_out}×{r_in} is faster than dense on {where}"
+                return
+            if chosen != (r_out, r_in):
+                row.detail["requested_rank"] = f"{r_out}×{r_in}"
+                r_out, r_in = chosen
+                row.detail["rank"] = f"{r_out}×{r_in}"
+                dense_p, tucker_p, dense_m, tucker_m = _tucker_costs(
+                    module, r_out, r_in, in_hw, out_hw
+                )
         _, core, _ = tucker2_factors(module.weight, rank_out=r_out, rank_in=r_in)
         total = float(w.square().sum())
         kept = float(core.to(torch.float64).square().sum())  # orthonormal U: ‖core‖² is kept energy

@@ -1,0 +1,236 @@
+"""`keep if faster` on Tucker-2 convolutions: pure choice on fake tables, the cache, the pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from surgery.backends import get_backend
+from surgery.backends import latency as lat
+from surgery.backends.latency import (
+    ConvLatencyTable,
+    LatencyTable,
+    choose_tucker_ranks,
+    keep_if_faster_tucker_ranks,
+    load_conv_table,
+    save_conv_table,
+    tucker_candidate_pairs,
+    tucker_latency_table,
+)
+from surgery.graph import analyze
+from surgery.inputs import Inputs
+from surgery.manager import Manager
+from surgery.modules.tucker_conv import TuckerConv2d
+from surgery.parse import parse
+from surgery.passes.base import PassContext, PassError
+from surgery.passes.decompose import DecomposePass
+
+
+class TinyCNN(nn.Module):
+    """Two 3×3 convs wide enough that Tucker-2 at half the channels saves weights and FLOPs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.act = nn.ReLU()
+        self.c2 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.example_inputs = (
+            torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 16, 8, 8) -> (B, 32, 4, 4)
+        return self.c2(self.act(self.c1(x)))
+
+
+def tiny_cnn() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+def _table(dense: float, ranks: dict[tuple[int, int], float]) -> ConvLatencyTable:
+    return ConvLatencyTable(
+        "fake", 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), (1, 32, 8, 8), "float32", "t", dense, ranks
+    )
+
+
+# --- pure selection -------------------------------------------------------------------------
+
+
+def test_candidate_pairs_scale_both_ranks_by_tile_steps_of_the_larger() -> None:
+    assert tucker_candidate_pairs((64, 32), 8) == [(64, 32), (56, 28), (48, 24), (40, 20), (32, 16)]
+    assert tucker_candidate_pairs((12, 24), 8) == [(12, 24), (8, 16)]  # r_in leads
+    assert tucker_candidate_pairs((30, 30), 16) == [(16, 16)]  # rounded down to the tile
+    assert tucker_candidate_pairs((3, 5), 8) == [(3, 5)]  # below one tile
+
+
+def test_picks_the_pair_just_below_the_cliff() -> None:
+    # Tile 8 on r_out; pairs above 40×20 pay an extra tile (+30%): the cliff is 48 → 40.
+    pairs = tucker_candidate_pairs((64, 32), 8)
+    ranks = {p: 1.0 + 0.01 * p[0] + (0.3 if p[0] > 40 else 0.0) for p in pairs}
+    assert choose_tucker_ranks(_table(5.0, ranks), (64, 32), 8) == (40, 20)
+
+
+def test_no_cliff_keeps_the_requested_pair() -> None:
+    ranks = {p: 0.01 * p[0] for p in tucker_candidate_pairs((64, 32), 8)}
+    assert choose_tucker_ranks(_table(5.0, ranks), (64, 32), 8) == (64, 32)
+
+
+def test_none_faster_than_dense_stays_dense() -> None:
+    ranks = {p: 1.0 for p in tucker_candidate_pairs((32, 16), 8)}
+    assert choose_tucker_ranks(_table(0.5, ranks), (32, 16), 8) is None
+
+
+def test_only_pairs_on_the_requested_ratio_count() -> None:
+    # A table shared with another layer of the same shape holds other pairs: they are ignored.
+    ranks = {(32, 16): 1.0, (24, 12): 0.9, (16, 16): 0.01, (16, 8): 0.8}
+    assert choose_tucker_ranks(_table(2.0, ranks), (32, 16), 8) == (32, 16)
+    with pytest.raises(ValueError, match="none of the candidate ranks"):
+        choose_tucker_ranks(_table(2.0, {(8, 8): 1.0}), (32, 16), 8)
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+def test_conv_table_json_round_trip_and_disjoint_keys(tmp_path: Path) -> None:
+    t = _table(2.0, {(32, 16): 1.0, (24, 12): 0.9})
+    path = save_conv_table(t, tmp_path)
+    assert path.name == f"{t.key()}.json" and t.key().startswith("conv-")
+    assert load_conv_table(t.key(), tmp_path) == t
+    same = ConvLatencyTable(
+        "fake", 32, 32, (3, 3), (1, 1), "same", (1, 1), (1, 32, 8, 8), "float32", "t", 1.0
+    )
+    save_conv_table(same, tmp_path)
+    assert load_conv_table(same.key(), tmp_path) == same and same.key() != t.key()
+    # A matrix table of the "same" numbers never shares a key (hence a file) with a conv one.
+    linear = LatencyTable("fake", "Linear", 32, 32, (1, 32, 8, 8), "float32", "t", dense=2.0)
+    assert not linear.key().startswith("conv-") and lat.load_table(t.key(), tmp_path) is None
+    path.write_text("{not json")
+    assert load_conv_table(t.key(), tmp_path) is None
+
+
+def test_tucker_latency_table_uses_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    backend = get_backend("torch", "cpu")
+    first = tucker_latency_table(
+        backend, conv, (1, 16, 8, 8), [(16, 8), (8, 4)], directory=tmp_path, repeats=2, warmup=1
+    )
+    assert set(first.ranks) == {(16, 8), (8, 4)} and first.dense > 0 and first.repeats == 2
+
+    def boom(*args: object, **kwargs: object) -> ConvLatencyTable:
+        raise AssertionError("measured again although cached")
+
+    monkeypatch.setattr(lat, "measure_tucker_conv", boom)
+    assert tucker_latency_table(backend, conv, (1, 16, 8, 8), [(8, 4)], directory=tmp_path) == first
+    with pytest.raises(AssertionError, match="measured again"):  # another input shape
+        tucker_latency_table(backend, conv, (2, 16, 8, 8), [(8, 4)], directory=tmp_path)
+
+
+def test_rejects_layers_it_cannot_time() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(72, 4))
+    analysis = analyze(model, Inputs((torch.randn(1, 8, 5, 5),), {}))
+    backend = get_backend("torch")
+    with pytest.raises(ValueError, match="ungrouped Conv2d"):
+        keep_if_faster_tucker_ranks({"0": model[0]}, analysis, {"0": (4, 4)}, backend)
+    with pytest.raises(ValueError, match="ungrouped Conv2d"):
+        keep_if_faster_tucker_ranks({"2": model[2]}, analysis, {"2": (4, 4)}, backend)
+    with pytest.raises(ValueError, match="not a module"):
+        keep_if_faster_tucker_ranks({"x": model[0]}, analysis, {"x": (4, 4)}, backend)
+
+
+# --- through the decompose pass -------------------------------------------------------------
+
+
+def _fake_measure(calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]]):  # type: ignore[no-untyped-def]
+    """c1 (16→32): a cliff below 16×8 on its 24×12, 16×8, 8×4 ladder; c2: never faster."""
+
+    def fake(backend, conv, shape, pairs, **kw):  # type: ignore[no-untyped-def]
+        pairs = list(pairs)
+        calls.append((conv.in_channels, shape, pairs))
+        if conv.in_channels == 16:
+            ranks = {p: 0.1 * p[0] + (1.0 if p[0] > 16 else 0.0) for p in pairs}
+            dense = 10.0
+        else:
+            ranks, dense = {p: 1.0 for p in pairs}, 0.1
+        return lat.ConvLatencyTable(
+            backend.name, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+            conv.padding, conv.dilation, shape, "float32", torch.__version__, dense, ranks,
+        )  # fmt: skip
+
+    return fake
+
+
+def test_keep_if_faster_on_a_fake_table_through_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]] = []
+    monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(calls))
+    model = tiny_cnn()
+    ex = Inputs(model.example_inputs, {})
+    stmt = parse("decompose Conv2d where kernel > 1 rank = 24 keep if faster").statements[0]
+    p = DecomposePass(stmt, PassContext(analysis=analyze(model, ex), example=ex))
+    plan = p.plan(model)
+    rows = {r.path: r for r in plan.rows}
+    # Each conv timed alone at its real input shape; pairs down from 24×16 by 8 on r_out.
+    assert (16, (1, 16, 8, 8), [(24, 16), (16, 11)]) in calls
+    assert (32, (1, 32, 8, 8), [(24, 24), (16, 16)]) in calls
+    c1, c2 = rows["c1"], rows["c2"]
+    assert c1.action == "decompose" and c1.detail["measured_on"] == "torch-cpu"
+    assert c1.detail["rank"] == "16×11" and c1.detail["requested_rank"] == "24×16"
+    assert c1.params_after < c1.params_before and 0.0 < c1.detail["energy"] <= 1.0
+    assert c2.action == "skip" and c2.detail["measured_on"] == "torch-cpu"
+    assert c2.note == "no rank ≤ 24×24 is faster than dense on torch-cpu"
+    p.apply(model, plan)
+    assert isinstance(model.c1, TuckerConv2d) and (model.c1.rank_out, model.c1.rank_in) == (16, 11)
+    assert isinstance(model.c2, nn.Conv2d)
+    # The tables were cached: a second plan measures nothing.
+    again: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]] = []
+    monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(again))
+    fresh = tiny_cnn()
+    DecomposePass(stmt, PassContext(analysis=analyze(fresh, ex), example=ex)).plan(fresh)
+    assert again == []
+
+
+def test_keep_if_faster_times_convs_for_real(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = "decompose Conv2d where kernel > 1 rank = 0.5 method tucker keep if faster"
+    run = Manager(parse(recipe), tiny_cnn()).run(measure=False)
+    rows = {r.path: r for r in run.steps[0].plan.rows}
+    assert set(rows) == {"c1", "c2"}
+    for path, requested in (("c1", (16, 8)), ("c2", (16, 16))):
+        row = rows[path]
+        assert row.detail["measured_on"] == "torch-cpu"
+        layer = run.model.get_submodule(path)
+        if row.action == "skip":  # timings are not asserted: dense may win on this machine
+            assert (
+                row.note
+                == f"no rank ≤ {requested[0]}×{requested[1]} is faster than dense on torch-cpu"
+            )
+            assert isinstance(layer, nn.Conv2d)
+        else:
+            assert isinstance(layer, TuckerConv2d)
+            assert (layer.rank_out, layer.rank_in) in tucker_candidate_pairs(requested, 8)
+            assert row.detail["rank"] == f"{layer.rank_out}×{layer.rank_in}"
+            assert row.detail.get("requested_rank", row.detail["rank"]) == "{}×{}".format(
+                *requested
+            )
+    assert len(list((tmp_path / "cache" / "latency").glob("conv-*.json"))) == 2
+
+
+def test_an_unavailable_target_is_a_located_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_cnn()
+    ex = Inputs(model.example_inputs, {})
+    stmt = parse("decompose Conv2d rank = 0.5 keep if faster").statements[0]
+    ctx = PassContext(analysis=analyze(model, ex), example=ex)
+    backend = get_backend("torch", "cpu")
+    monkeypatch.setattr(type(backend), "is_available", lambda self: (False, "switched off"))
+    with pytest.raises(PassError) as err:
+        DecomposePass(stmt, ctx).plan(model)
+    assert "cannot time `c1` on torch-cpu" in err.value.diagnostic.message
