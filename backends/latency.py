@@ -655,19 +655,7 @@ def _tucker(conv: nn.Conv2d, pair: Pair) -> nn.Module:
     from surgery.modules.tucker_conv import TuckerConv2d  # the layer the pass would build
 
     r_out, r_in = pair
-    return TuckerConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        rank_in=r_in,
-        rank_out=r_out,
-        kernel_size=_two(conv.kernel_size),
-        stride=_two(conv.stride),
-        padding=conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
-        dilation=_two(conv.dilation),
-        bias=conv.bias is not None,
-        dtype=str(conv.weight.dtype).removeprefix("torch."),
-        padding_mode=conv.padding_mode,  # type: ignore[arg-type]
-    )
+    return TuckerConv2d.like(conv, rank_out=r_out, rank_in=r_in)
 
 
 def _two(v: Any) -> tuple[int, int]:

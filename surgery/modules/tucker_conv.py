@@ -92,15 +92,16 @@ class TuckerConv2d(SurgeryModule):
         self.last = nn.Conv2d(rank_out, out_channels, 1, bias=bias, dtype=torch_dtype)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank_out: int, rank_in: int) -> TuckerConv2d:
-        """Build from ``conv`` with HOSVD-initialised factors (exact at full ranks)."""
+    def like(cls, conv: nn.Conv2d, rank_out: int, rank_in: int) -> TuckerConv2d:
+        """A Tucker-2 layer with ``conv``'s geometry, dtype and device (weights not fitted:
+        what latency tables time)."""
         if conv.groups != 1:
             raise ValueError(
                 f"cannot Tucker-decompose a grouped convolution (groups={conv.groups}): "
                 "the factors would mix channels across groups; decompose per group or skip it"
             )
         dtype = str(conv.weight.dtype).removeprefix("torch.")
-        m = cls(
+        return cls(
             conv.in_channels,
             conv.out_channels,
             rank_in=rank_in,
@@ -113,6 +114,11 @@ class TuckerConv2d(SurgeryModule):
             dtype=dtype,
             padding_mode=conv.padding_mode,
         ).to(conv.weight.device)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank_out: int, rank_in: int) -> TuckerConv2d:
+        """Build from ``conv`` with HOSVD-initialised factors (exact at full ranks)."""
+        m = cls.like(conv, rank_out, rank_in)
         first, core, last = tucker2_factors(conv.weight, rank_out=rank_out, rank_in=rank_in)
         with torch.no_grad():
             m.first.weight.copy_(first)  # [r_in, C, 1, 1]

@@ -69,7 +69,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,11 @@ from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.passes.base import Change, PassContext, PassError, PlanRow, StepPlan, SurgeryPass
 from surgery.select import select, type_names, uses_speedup
+
+if TYPE_CHECKING:
+    from surgery.backends import Backend
+
+_R = TypeVar("_R")  # what `keep if faster` chooses: a rank, or a Tucker rank pair
 
 __all__ = [
     "ASVD_ALPHA",
@@ -700,16 +705,29 @@ class DecomposePass(SurgeryPass):
         Each layer shape is timed alone at its real input shape; the tables are cached on
         disk, and the choice is a pure function of the table (`surgery.backends.latency`).
         """
-        from surgery.backends import LoweringError, get_backend
         from surgery.backends.latency import keep_if_faster_ranks
+
+        assert self.context is not None
+        analysis = self.context.analysis
+        return self._time_on_first_target(
+            cand,
+            lambda backend: keep_if_faster_ranks(
+                model, analysis, [cand.path], {cand.path: requested}, backend
+            ),
+        )
+
+    def _time_on_first_target(
+        self, cand: _Candidate, measure: Callable[[Backend], dict[str, _R | None]]
+    ) -> tuple[_R | None, str]:
+        """``measure(backend)[cand.path]`` on the recipe's first target (torch CPU when it
+        names none) and that target's name; a located error when it cannot be timed there."""
+        from surgery.backends import LoweringError, get_backend
 
         assert self.context is not None
         targets = self.context.options.get("targets") or [("torch", "cpu", None)]
         backend = get_backend(*targets[0])
         try:
-            chosen = keep_if_faster_ranks(
-                model, self.context.analysis, [cand.path], {cand.path: requested}, backend
-            )
+            chosen = measure(backend)
         except (LoweringError, ValueError) as exc:
             raise self._error(
                 f"`keep if faster` cannot time `{cand.path}` on {backend.name}: {exc}",
@@ -871,26 +889,16 @@ class DecomposePass(SurgeryPass):
         The conv and its TuckerConv2d are timed alone at the conv's real input shape; tables
         are cached on disk and the choice is a pure function of the table
         (`surgery.backends.latency.choose_tucker_ranks`)."""
-        from surgery.backends import LoweringError, get_backend
         from surgery.backends.latency import keep_if_faster_tucker_ranks
 
         assert self.context is not None
-        targets = self.context.options.get("targets") or [("torch", "cpu", None)]
-        backend = get_backend(*targets[0])
-        try:
-            chosen = keep_if_faster_tucker_ranks(
-                {cand.path: cand.module},
-                self.context.analysis,
-                {cand.path: requested},
-                backend,
-            )
-        except (LoweringError, ValueError) as exc:
-            raise self._error(
-                f"`keep if faster` cannot time `{cand.path}` on {backend.name}: {exc}",
-                self.statement.keep_if_faster,
-                help="remove `keep if faster`, or choose a target that is available here",
-            ) from exc
-        return chosen[cand.path], backend.name
+        analysis = self.context.analysis
+        return self._time_on_first_target(
+            cand,
+            lambda backend: keep_if_faster_tucker_ranks(
+                {cand.path: cand.module}, analysis, {cand.path: requested}, backend
+            ),
+        )
 
     def _plan_tucker(self, cand: _Candidate) -> None:
         stmt: ast.Decompose = self.statement
