@@ -47,6 +47,7 @@ ALL_OPTIONS = (
     "progressive",
     "keep_if_faster",
     "budget",
+    "budget by",
     "where speedup",
     "q",
     "until",
