@@ -29,7 +29,7 @@ import time
 import torch
 from torch import nn
 
-from surgery.lowrank import compute_dtype, rank_from_fraction, truncated_svd
+from surgery.lowrank import rank_from_fraction, truncated_svd
 from surgery.parse import parse
 from surgery.passes.base import PassContext
 from surgery.passes.decompose import DecomposePass
@@ -54,7 +54,7 @@ def overhead() -> dict[str, object]:
     t0 = time.perf_counter()
     for w in weights:
         rank = rank_from_fraction(w.shape[1], w.shape[0], 0.25)
-        truncated_svd(w.to(compute_dtype(w)), rank, weight_dtype=w.dtype)
+        truncated_svd(w, rank)
     bare = time.perf_counter() - t0
     ctx = PassContext(analysis=analyze(model, None))
     stmt = parse('decompose Linear where name ~ "encoder.*" rank = 0.25 method svd').statements[0]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -136,14 +137,20 @@ def compute_dtype(w: Tensor) -> torch.dtype:
 
 
 def truncated_svd(
-    m: Tensor, keep: int, *, weight_dtype: torch.dtype | None = None
+    m: Tensor,
+    keep: int,
+    *,
+    compute: torch.dtype | None = None,
+    weight_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(U_k, S, Vh_k)``: the leading ``keep`` singular vectors and *all* singular values.
 
-    ``m`` is float32 or float64 (the compute dtype); ``S`` is float64, descending. The fast
-    Gram path (module doc) is used when its check passes, else ``torch.linalg.svd`` in
-    float64. ``weight_dtype`` is the dtype the factors will be stored in: for 16-bit formats
-    the check's tolerance is that format's squared unit roundoff times ``‖m‖²``.
+    The work runs in ``compute`` (default :func:`compute_dtype` of ``m``), converting ``m`` a
+    block at a time, so a 16-bit weight never exists as a whole float32 copy. ``U_k`` and
+    ``Vh_k`` come back in ``compute``; ``S`` is float64, descending. The fast Gram path
+    (module doc) is used when its check passes, else ``torch.linalg.svd`` in float64.
+    ``weight_dtype`` (default ``m.dtype``) is the dtype the factors will be stored in: for
+    16-bit formats the check's tolerance is that format's squared unit roundoff times ``‖m‖²``.
 
     >>> m = torch.randn(40, 12, dtype=torch.float64)
     >>> U, S, Vh = truncated_svd(m, 3)
@@ -156,35 +163,48 @@ def truncated_svd(
     k = min(rows, cols)
     if not 1 <= keep <= k:
         raise ValueError(f"keep must be in [1, {k}], got {keep}")
-    fast = _gram_svd(m, keep, weight_dtype) if keep < k else None
+    cd = compute or compute_dtype(m)
+    fast = _gram_svd(m, keep, cd, weight_dtype or m.dtype) if keep < k else None
     if fast is not None:
         return fast
     U, S, Vh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
-    return U[:, :keep].to(m.dtype), S, Vh[:keep].to(m.dtype)
+    return U[:, :keep].to(cd), S, Vh[:keep].to(cd)
 
 
-def _squared_norm(t: Tensor) -> float:
-    """``‖t‖_F²`` accumulated in float64, a row block at a time (no full float64 copy)."""
-    return sum(float(block.to(torch.float64).square().sum()) for block in t.split(512))
+#: Rows (or columns) of the long side converted and multiplied at a time.
+_BLOCK = 1024
+
+
+def _blocks(m: Tensor, tall: bool, dtype: torch.dtype) -> Iterator[Tensor]:
+    """``m`` in ``dtype``, a block of the long side (rows if ``tall``) at a time."""
+    for block in m.split(_BLOCK, dim=0 if tall else 1):
+        yield block.to(dtype)
 
 
 def _gram_svd(
-    m: Tensor, keep: int, weight_dtype: torch.dtype | None
+    m: Tensor, keep: int, cd: torch.dtype, weight_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The Gram-eigh path of :func:`truncated_svd`, or None when its check fails."""
+    """The Gram-eigh path of :func:`truncated_svd` in ``cd``, or None when its check fails."""
     tall = m.shape[0] >= m.shape[1]
-    gram = m.T @ m if tall else m @ m.T  # [short, short]; eigh reads its lower triangle only
+    short = min(m.shape)
+    gram = torch.zeros(short, short, dtype=cd, device=m.device)
+    total = 0.0  # ‖M‖², accumulated in float64
+    for b in _blocks(m, tall, cd):
+        gram.addmm_(b.T, b) if tall else gram.addmm_(b, b.T)  # eigh reads the lower triangle
+        total += float(b.to(torch.float64).square().sum())
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     del gram
     lam = evals.flip(0).to(torch.float64).clamp_min(0.0)  # [short], descending
-    vecs = evecs[:, -keep:].flip(1)  # [short, keep], leading first
+    vecs = evecs[:, -keep:].flip(1)  # [short, keep], leading first (a copy)
     del evecs
-    eps = torch.finfo(m.dtype).eps
+    eps = torch.finfo(cd).eps
     top = float(lam[0])
     if top <= 0.0 or float(lam[keep - 1]) < FAST_SVD_MIN_RATIO * eps * top:
         return None
-    projected = m @ vecs if tall else vecs.T @ m  # M V_k [rows, keep] or U_kᵀ M [keep, cols]
-    total = _squared_norm(m)
+    # M V_k [rows, keep] (tall) or U_kᵀ M [keep, cols], block by block
+    parts = [b @ vecs if tall else vecs.T @ b for b in _blocks(m, tall, cd)]
+    projected = torch.cat(parts, dim=0 if tall else 1)
+    del parts
     achieved = total - _squared_norm(projected)
     discarded = float(lam[keep:].sum())
     if weight_dtype in (torch.bfloat16, torch.float16):
@@ -194,10 +214,15 @@ def _gram_svd(
     if abs(achieved - discarded) > tolerance:
         return None
     S = lam.sqrt()
-    sk = S[:keep].to(m.dtype)
+    sk = S[:keep].to(cd)
     if tall:
         return projected.div_(sk), S, vecs.T  # U_k = M V_k / σ
     return vecs, S, projected.div_(sk[:, None])  # V_kᵀ = U_kᵀ M / σ
+
+
+def _squared_norm(t: Tensor) -> float:
+    """``‖t‖_F²`` accumulated in float64, a row block at a time (no full float64 copy)."""
+    return sum(float(block.to(torch.float64).square().sum()) for block in t.split(256))
 
 
 def svd_factors(W: Tensor, rank: int) -> Factors:
@@ -215,13 +240,10 @@ def svd_factors(W: Tensor, rank: int) -> Factors:
     """
     out_f, in_f = W.shape
     _check_rank(rank, out_f, in_f)
-    cd = compute_dtype(W)
-    U, S, Vh = truncated_svd(
-        W.detach().to(cd), rank, weight_dtype=W.dtype
-    )  # [out, r], [k], [r, in]
-    root = S[:rank].sqrt().to(cd)  # [r]
-    left = U * root  # [out, r]
-    right = root[:, None] * Vh  # [r, in]
+    U, S, Vh = truncated_svd(W.detach(), rank)  # [out, r], [k], [r, in] in the compute dtype
+    root = S[:rank].sqrt().to(U.dtype)  # [r]
+    left = U.mul_(root)  # [out, r]; U and Vh are this call's own tensors
+    right = Vh.mul_(root[:, None])  # [r, in]
     return Factors(
         left=left.to(W.dtype),
         right=right.to(W.dtype),
@@ -254,7 +276,7 @@ def asvd_factors(W: Tensor, act_abs_mean: Tensor, rank: int, alpha: float = 0.5)
         )
     cd = compute_dtype(W)
     s = act_abs_mean.detach().to(torch.float64).abs().pow(alpha).clamp_min(1e-6).to(cd)  # [in]
-    U, S, Vh = truncated_svd(W.detach().to(cd) * s, rank, weight_dtype=W.dtype)  # W·diag(s)
+    U, S, Vh = truncated_svd(W.detach().to(cd) * s, rank, compute=cd, weight_dtype=W.dtype)
     root = S[:rank].sqrt().to(cd)  # [r]
     left = U * root  # [out, r]
     right = root[:, None] * Vh / s  # [r, in]: √Σ_r V_rᵀ diag(1/s)
@@ -320,7 +342,7 @@ def svd_llm_factors(W: Tensor, xtx: Tensor, rank: int) -> Factors:
     L = _cholesky_with_jitter(xtx64)  # [in, in], lower, XᵀX ≈ L Lᵀ
     cd = compute_dtype(W)
     ws = (W.detach().to(torch.float64) @ L).to(cd)  # W·S
-    U, S, Vh = truncated_svd(ws, rank, weight_dtype=W.dtype)
+    U, S, Vh = truncated_svd(ws, rank, compute=cd, weight_dtype=W.dtype)
     del ws
     left = U  # [out, r]
     sv_r = S[:rank, None] * Vh.to(torch.float64)  # [r, in]: Σ_r V_rᵀ
