@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from torch import nn
 from surgery.facts import Analysis
 from surgery.inputs import Inputs
 from surgery.lowrank import pick_rank_below_cliff
+from surgery.modules.lowrank_conv import pair
 
 from .base import Backend, LoweringError
 from .cache import cache_dir
@@ -61,11 +62,9 @@ __all__ = [
     "keep_if_faster_tucker_ranks",
     "latency_table",
     "layer_speedups",
-    "load_conv_table",
     "load_table",
     "measure_linear",
     "measure_tucker_conv",
-    "save_conv_table",
     "save_table",
     "tile_for",
     "tucker_candidate_pairs",
@@ -161,8 +160,8 @@ def _table_path(key: str, directory: Path | None) -> Path:
     return (directory or cache_dir("latency")) / f"{key}.json"
 
 
-def save_table(table: LatencyTable, directory: Path | None = None) -> Path:
-    """Write ``table`` to the cache (``directory`` overrides the cache location)."""
+def save_table(table: LatencyTable | ConvLatencyTable, directory: Path | None = None) -> Path:
+    """Write ``table`` (matrix or conv) to the cache (``directory`` overrides its location)."""
     path = _table_path(table.key(), directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -171,11 +170,26 @@ def save_table(table: LatencyTable, directory: Path | None = None) -> Path:
     return path
 
 
-def load_table(key: str, directory: Path | None = None) -> LatencyTable | None:
-    """The cached table for ``key``, or None (missing or unreadable: it is measured again)."""
+@overload
+def load_table(key: str, directory: Path | None = None) -> LatencyTable | None: ...
+
+
+@overload
+def load_table(
+    key: str, directory: Path | None, kind: type[ConvLatencyTable]
+) -> ConvLatencyTable | None: ...
+
+
+def load_table(
+    key: str,
+    directory: Path | None = None,
+    kind: type[LatencyTable] | type[ConvLatencyTable] = LatencyTable,
+) -> LatencyTable | ConvLatencyTable | None:
+    """The cached table of type ``kind`` (:class:`LatencyTable` or :class:`ConvLatencyTable`)
+    for ``key``, or None (missing or unreadable: it is measured again)."""
     path = _table_path(key, directory)
     try:
-        return LatencyTable.from_json(json.loads(path.read_text()))
+        return kind.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -503,21 +517,9 @@ class ConvLatencyTable:
 
     def key(self) -> str:
         """Cache key: the conv's geometry, input shape, dtype, backend and torch version."""
+        geometry = _geometry(**{name: getattr(self, name) for name in _GEOMETRY})
         return conv_table_key(
-            self.backend,
-            _geometry(
-                self.in_channels,
-                self.out_channels,
-                self.kernel_size,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.bias,
-                self.padding_mode,
-            ),
-            self.input_shape,
-            self.dtype,
-            self.torch_version,
+            self.backend, geometry, self.input_shape, self.dtype, self.torch_version
         )
 
     def speedup(self, pair: Pair) -> float:
@@ -549,6 +551,34 @@ class ConvLatencyTable:
             ranks[(int(o), int(i))] = float(t)
         fields["ranks"] = ranks
         return cls(**fields)
+
+
+#: What a conv's latency depends on besides input shape and dtype: the fields shared by
+#: :class:`ConvLatencyTable`, ``nn.Conv2d``'s constructor and :func:`_conv_geometry`.
+_GEOMETRY = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "bias",
+    "padding_mode",
+)
+
+
+def _conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """``conv``'s :data:`_GEOMETRY`, normalised (sizes as int pairs, ``bias`` a bool)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": pair(conv.kernel_size),
+        "stride": pair(conv.stride),
+        "padding": conv.padding if isinstance(conv.padding, str) else pair(conv.padding),
+        "dilation": pair(conv.dilation),
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
 
 
 def _geometry(
@@ -584,24 +614,6 @@ def conv_table_key(
     """Cache key of a :class:`ConvLatencyTable` (prefixed ``conv-``: disjoint from matrix keys)."""
     text = json.dumps(["TuckerConv2d", backend, geometry, list(input_shape), dtype, torch_version])
     return "conv-" + hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def save_conv_table(table: ConvLatencyTable, directory: Path | None = None) -> Path:
-    """Write a conv table to the cache (same directory and atomic write as :func:`save_table`)."""
-    path = _table_path(table.key(), directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table.to_json(), indent=1))
-    tmp.replace(path)
-    return path
-
-
-def load_conv_table(key: str, directory: Path | None = None) -> ConvLatencyTable | None:
-    """The cached conv table for ``key``, or None (missing or unreadable)."""
-    try:
-        return ConvLatencyTable.from_json(json.loads(_table_path(key, directory).read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _scaled_pair(requested: Pair, lead: int) -> Pair:
@@ -651,16 +663,11 @@ def choose_tucker_ranks(table: ConvLatencyTable, requested: Pair, step: int) -> 
     return None if pick is None else _scaled_pair(requested, pick)
 
 
-def _tucker(conv: nn.Conv2d, pair: Pair) -> nn.Module:
+def _tucker(conv: nn.Conv2d, ranks: Pair) -> nn.Module:
     from surgery.modules.tucker_conv import TuckerConv2d  # the layer the pass would build
 
-    r_out, r_in = pair
+    r_out, r_in = ranks
     return TuckerConv2d.like(conv, rank_out=r_out, rank_in=r_in)
-
-
-def _two(v: Any) -> tuple[int, int]:
-    a, b = (v, v) if isinstance(v, int) else v
-    return (int(a), int(b))
 
 
 def measure_tucker_conv(
@@ -678,37 +685,21 @@ def measure_tucker_conv(
     interleaved rounds like :func:`measure_linear`.
     """
     dtype = conv.weight.dtype
-    dense = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        _two(conv.kernel_size),
-        stride=_two(conv.stride),
-        padding=conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
-        dilation=_two(conv.dilation),
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-        dtype=dtype,
-    )
+    geometry = _conv_geometry(conv)
+    dense = nn.Conv2d(**geometry, dtype=dtype)
     variants: dict[Pair | None, nn.Module] = {None: dense}
-    for pair in pairs:
-        variants[(int(pair[0]), int(pair[1]))] = _tucker(conv, pair)
+    for ranks in pairs:
+        variants[(int(ranks[0]), int(ranks[1]))] = _tucker(conv, ranks)
     medians = _time_variants(backend, variants, input_shape, dtype, warmup, repeats)
     dense_s = medians.pop(None)
     return ConvLatencyTable(
         backend=backend.name,
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=_two(conv.kernel_size),
-        stride=_two(conv.stride),
-        padding=conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
-        dilation=_two(conv.dilation),
+        **geometry,
         input_shape=tuple(input_shape),
         dtype=str(dtype).removeprefix("torch."),
         torch_version=torch.__version__,
         dense=dense_s,
         ranks={p: t for p, t in medians.items() if p is not None},
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
         repeats=repeats,
     )
 
@@ -731,21 +722,12 @@ def tucker_latency_table(
     wanted = {(int(o), int(i)) for o, i in pairs}
     key = conv_table_key(
         backend.name,
-        _geometry(
-            conv.in_channels,
-            conv.out_channels,
-            _two(conv.kernel_size),
-            _two(conv.stride),
-            conv.padding if isinstance(conv.padding, str) else _two(conv.padding),
-            _two(conv.dilation),
-            conv.bias is not None,
-            conv.padding_mode,
-        ),
+        _geometry(**_conv_geometry(conv)),
         input_shape,
         str(conv.weight.dtype).removeprefix("torch."),
         torch.__version__,
     )
-    cached = None if refresh else load_conv_table(key, directory)
+    cached = None if refresh else load_table(key, directory, ConvLatencyTable)
     if cached is not None and wanted <= set(cached.ranks):
         return cached
     if cached is not None:
@@ -758,7 +740,7 @@ def tucker_latency_table(
         warmup=warmup,
         repeats=repeats,
     )
-    save_conv_table(table, directory)
+    save_table(table, directory)
     return table
 
 

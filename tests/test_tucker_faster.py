@@ -15,8 +15,8 @@ from surgery.backends.latency import (
     LatencyTable,
     choose_tucker_ranks,
     keep_if_faster_tucker_ranks,
-    load_conv_table,
-    save_conv_table,
+    load_table,
+    save_table,
     tucker_candidate_pairs,
     tucker_latency_table,
 )
@@ -96,19 +96,19 @@ def test_only_pairs_on_the_requested_ratio_count() -> None:
 
 def test_conv_table_json_round_trip_and_disjoint_keys(tmp_path: Path) -> None:
     t = _table(2.0, {(32, 16): 1.0, (24, 12): 0.9})
-    path = save_conv_table(t, tmp_path)
+    path = save_table(t, tmp_path)
     assert path.name == f"{t.key()}.json" and t.key().startswith("conv-")
-    assert load_conv_table(t.key(), tmp_path) == t
+    assert load_table(t.key(), tmp_path, ConvLatencyTable) == t
     same = ConvLatencyTable(
         "fake", 32, 32, (3, 3), (1, 1), "same", (1, 1), (1, 32, 8, 8), "float32", "t", 1.0
     )
-    save_conv_table(same, tmp_path)
-    assert load_conv_table(same.key(), tmp_path) == same and same.key() != t.key()
+    save_table(same, tmp_path)
+    assert load_table(same.key(), tmp_path, ConvLatencyTable) == same and same.key() != t.key()
     # A matrix table of the "same" numbers never shares a key (hence a file) with a conv one.
     linear = LatencyTable("fake", "Linear", 32, 32, (1, 32, 8, 8), "float32", "t", dense=2.0)
     assert not linear.key().startswith("conv-") and lat.load_table(t.key(), tmp_path) is None
     path.write_text("{not json")
-    assert load_conv_table(t.key(), tmp_path) is None
+    assert load_table(t.key(), tmp_path, ConvLatencyTable) is None
 
 
 def test_tucker_latency_table_uses_the_cache(

@@ -10,12 +10,13 @@ from torch import nn
 
 from surgery.modules.registry import SurgeryModule, register_module
 
-__all__ = ["LowRankConv2d"]
+__all__ = ["LowRankConv2d", "PaddingMode", "pair"]
 
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+def pair(v: int | Sequence[int]) -> tuple[int, int]:
+    """A conv's 2-D size argument as ``(h, w)`` ints (``3`` → ``(3, 3)``)."""
     if isinstance(v, int):
         return (v, v)
     a, b = v
@@ -58,10 +59,8 @@ class LowRankConv2d(SurgeryModule):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.rank = rank
-        self.stride = _pair(stride)
-        self.padding: tuple[int, int] | str = (
-            padding if isinstance(padding, str) else _pair(padding)
-        )
+        self.stride = pair(stride)
+        self.padding: tuple[int, int] | str = padding if isinstance(padding, str) else pair(padding)
         self.padding_mode = padding_mode
         self.first = nn.Conv2d(
             in_channels,

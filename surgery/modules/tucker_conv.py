@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from surgery.lowrank import tucker2_factors
+from surgery.modules.lowrank_conv import PaddingMode, pair
 from surgery.modules.registry import SurgeryModule, register_module
 
 __all__ = ["TuckerConv2d"]
 
 IntOr2 = int | tuple[int, int] | list[int]
-PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
 
 
 @register_module
@@ -70,12 +62,10 @@ class TuckerConv2d(SurgeryModule):
         self.out_channels = out_channels
         self.rank_in = rank_in
         self.rank_out = rank_out
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding: tuple[int, int] | str = (
-            padding if isinstance(padding, str) else _pair(padding)
-        )
-        self.dilation = _pair(dilation)
+        self.kernel_size = pair(kernel_size)
+        self.stride = pair(stride)
+        self.padding: tuple[int, int] | str = padding if isinstance(padding, str) else pair(padding)
+        self.dilation = pair(dilation)
         self.padding_mode = padding_mode
         self.first = nn.Conv2d(in_channels, rank_in, 1, bias=False, dtype=torch_dtype)
         self.core = nn.Conv2d(
@@ -106,10 +96,10 @@ class TuckerConv2d(SurgeryModule):
             conv.out_channels,
             rank_in=rank_in,
             rank_out=rank_out,
-            kernel_size=_pair(conv.kernel_size),
-            stride=_pair(conv.stride),
-            padding=conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
-            dilation=_pair(conv.dilation),
+            kernel_size=pair(conv.kernel_size),
+            stride=pair(conv.stride),
+            padding=conv.padding if isinstance(conv.padding, str) else pair(conv.padding),
+            dilation=pair(conv.dilation),
             bias=conv.bias is not None,
             dtype=dtype,
             padding_mode=conv.padding_mode,
