@@ -859,12 +859,7 @@ class DecomposePass(SurgeryPass):
             assert c.full is not None
             rank = max(1, min(break_even_rank(c.in_f, c.out_f) // 2, c.full.rank))
             f = _truncate(c.full, rank)
-            new = (
-                _lowrank_conv_from(c.module, f)
-                if isinstance(c.module, nn.Conv2d | LowRankConv2d)
-                else lowrank_linear_from(c.module, f)
-            )
-            probes[c.path] = (new, 1.0 - f.energy)
+            probes[c.path] = (self._lowrank(c.path, c.module, f), 1.0 - f.energy)
         weights = layer_sensitivities(
             model, probes, self._calibration(self.context), self.context.progress
         )
@@ -1091,22 +1086,23 @@ class DecomposePass(SurgeryPass):
         self, model: nn.Module, row: PlanRow, f: Factors, schedule: list[int] | None
     ) -> Change:
         """Swap the matrix layer at ``row.path`` for its low-rank pair built from ``f``."""
-        old = model.get_submodule(row.path)
-        new: nn.Module
-        if isinstance(old, nn.Conv2d | LowRankConv2d):
-            new = _lowrank_conv_from(old, f)
-        elif (
-            isinstance(old, nn.Linear | LowRankLinear)
-            or "Conv1D" in type_names(old)
-            or self._stands_for_linear(row.path, old)
-        ):
-            new = lowrank_linear_from(old, f)
-        else:
-            raise self.moved(row.path, "Linear")
+        new = self._lowrank(row.path, model.get_submodule(row.path), f)
         if schedule is not None:
             setattr(new, PROGRESSIVE_ATTR, {"statement": self._tag, "schedule": schedule})
         model.set_submodule(row.path, new)
         return self._change(row)
+
+    def _lowrank(self, path: str, old: nn.Module, f: Factors) -> nn.Module:
+        """The low-rank pair built from ``f`` for the matrix layer ``old`` at ``path``."""
+        if isinstance(old, nn.Conv2d | LowRankConv2d):
+            return _lowrank_conv_from(old, f)
+        if (
+            isinstance(old, nn.Linear | LowRankLinear)
+            or "Conv1D" in type_names(old)
+            or self._stands_for_linear(path, old)
+        ):
+            return lowrank_linear_from(old, f)
+        raise self.moved(path, "Linear")
 
     def _change(self, row: PlanRow) -> Change:
         detail: dict[str, Any] = {
