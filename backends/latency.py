@@ -765,10 +765,53 @@ def keep_if_faster_tucker_ranks(
     ``LoweringError`` if the backend is unavailable or cannot lower a layer.
     """
     step = step or tile_for(backend.name)
+    tables = _conv_tables(
+        convs, analysis, requested, backend, step, min_fraction, repeats, directory
+    )
+    return {path: choose_tucker_ranks(tables[path], requested[path], step) for path in convs}
+
+
+def tucker_speedups(
+    convs: Mapping[str, nn.Module],
+    analysis: Analysis,
+    requested: Mapping[str, Pair],
+    backend: Backend,
+    *,
+    step: int | None = None,
+    repeats: int = 15,
+    directory: Path | None = None,
+) -> dict[str, float]:
+    """For ``where speedup > X`` on ``k×k`` convs: dense latency ÷ Tucker-2 latency per conv.
+
+    Measured at the requested pair with its larger rank rounded down to the tile (the other
+    scaled with it), the only pair timed — as :func:`layer_speedups` does for matrix layers.
+    Same errors as :func:`keep_if_faster_tucker_ranks`.
+    """
+    step = step or tile_for(backend.name)
+    tables = _conv_tables(convs, analysis, requested, backend, step, 1.0, repeats, directory)
+    return {
+        path: tables[path].speedup(
+            tucker_candidate_pairs(requested[path], step, min_fraction=1.0)[0]
+        )
+        for path in convs
+    }
+
+
+def _conv_tables(
+    convs: Mapping[str, nn.Module],
+    analysis: Analysis,
+    requested: Mapping[str, Pair],
+    backend: Backend,
+    step: int,
+    min_fraction: float,
+    repeats: int,
+    directory: Path | None,
+) -> dict[str, ConvLatencyTable]:
+    """Each conv's latency table (cached) covering the candidate pairs of its requested pair."""
     available, why = backend.is_available()
     if not available:
         raise LoweringError(f"cannot time layers on {backend.name}: {why}")
-    chosen: dict[str, Pair | None] = {}
+    tables: dict[str, ConvLatencyTable] = {}
     for path, conv in convs.items():
         info = analysis.modules.get(path)
         if info is None:
@@ -778,7 +821,7 @@ def keep_if_faster_tucker_ranks(
         if not info.input_shapes:
             raise ValueError(f"`{path}` was never called on the example inputs: no input shape")
         pairs = tucker_candidate_pairs(requested[path], step, min_fraction=min_fraction)
-        table = tucker_latency_table(
+        tables[path] = tucker_latency_table(
             backend,
             conv,
             tuple(info.input_shapes[0]),
@@ -786,5 +829,4 @@ def keep_if_faster_tucker_ranks(
             repeats=repeats,
             directory=directory,
         )
-        chosen[path] = choose_tucker_ranks(table, requested[path], step)
-    return chosen
+    return tables

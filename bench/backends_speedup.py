@@ -9,6 +9,14 @@ FLOP-ideal speedup (FLOPs before / after at the benchmark shape, from
 ``surgery.graph.analyze``), the measured speedup with its bootstrap 95% interval, and
 ``efficiency = measured / ideal`` (goal ≥ 0.85 on CPU backends).
 
+A FLOP-ideal counts matrix work only (matmuls, convolutions, attention); layer norms,
+activations, softmax, residual adds and copies do not shrink with the ranks. On ``torch-cpu``
+the entry also holds ``eager_split``: the torch profiler's self time of the matrix ops and of
+everything else, original and surgered, and ``efficiency_bound``, the efficiency the model
+would reach if its matrix ops sped up by exactly the FLOP-ideal ratio while the rest took the
+time it measured — an upper bound for that backend. Where it is below 0.85, so is any
+realized efficiency.
+
 Shapes: text batch 8 × 128 tokens; vision batch 2 × 224² (batch 8 ViT-B is ~3 s per forward
 on 2 cores, too slow to time repeatedly within the budget).
 
@@ -87,6 +95,41 @@ def bench_inputs(name: str, model: nn.Module) -> Inputs:
     return Inputs(model.example_inputs, {})
 
 
+#: aten ops whose FLOPs ``torch.utils.flop_counter`` counts (and nothing else): matrix work.
+MATRIX_OPS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::mkldnn_convolution",
+        "aten::convolution_overrideable",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+    }
+)
+
+
+def eager_split(model: nn.Module, inputs: Inputs, repeats: int = 3) -> tuple[float, float]:
+    """(matrix ms, other ms) per eager CPU forward: the profiler's self CPU time of the matrix
+    ops (:data:`MATRIX_OPS`) and of all other ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(2):
+            inputs.call(model)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                inputs.call(model)
+    matrix = other = 0.0
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1000 / repeats
+        if event.key in MATRIX_OPS:
+            matrix += ms
+        else:
+            other += ms
+    return matrix, other
+
+
 def one_model(name: str, backends: list[str], args: argparse.Namespace) -> dict[str, Any]:
     model = build(name)
     started = time.perf_counter()
@@ -126,6 +169,16 @@ def one_model(name: str, backends: list[str], args: argparse.Namespace) -> dict[
                 ms=[round(v.speed.baseline_ms, 2), round(v.speed.candidate_ms, 2)],
                 efficiency=round(v.speed.speedup / ideal, 3),
             )
+        if backend_name == "torch-cpu":
+            m0, o0 = eager_split(run.original, inputs)
+            m1, o1 = eager_split(run.model, inputs)
+            bound = (m0 + o0) / (m0 / ideal + o1)
+            entry["eager_split"] = {
+                "matrix_ms": [round(m0, 1), round(m1, 1)],
+                "other_ms": [round(o0, 1), round(o1, 1)],
+                "matrix_speedup": round(m0 / max(m1, 1e-9), 3),
+                "efficiency_bound": round(bound / ideal, 3),
+            }
         row["backends"][backend_name] = entry
         print(f"{name} {v}", file=sys.stderr, flush=True)  # progress; the JSON goes to stdout
     return row

@@ -234,3 +234,53 @@ def test_an_unavailable_target_is_a_located_error(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(PassError) as err:
         DecomposePass(stmt, ctx).plan(model)
     assert "cannot time `c1` on torch-cpu" in err.value.diagnostic.message
+
+
+# --- `where speedup > X` on k×k convs -------------------------------------------------------
+
+
+def test_where_speedup_selects_convs_by_their_tucker_speedup_on_a_fake_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]] = []
+    monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(calls))
+    model = tiny_cnn()
+    ex = Inputs(model.example_inputs, {})
+    ctx = PassContext(analysis=analyze(model, ex), example=ex)
+    # c1: dense 10 s, its 24×16 pair 3.4 s → 2.94×; c2: dense 0.1 s, every pair 1 s → 0.1×.
+    stmt = parse("decompose Conv2d where speedup > 2 rank = 24").statements[0]
+    plan = DecomposePass(stmt, ctx).plan(model)
+    # Only the requested pair (its larger rank on the tile) is timed, at the real input shape.
+    assert sorted(calls) == [(16, (1, 16, 8, 8), [(24, 16)]), (32, (1, 32, 8, 8), [(24, 24)])]
+    assert [(r.path, r.action, r.detail["rank"]) for r in plan.rows] == [
+        ("c1", "decompose", "24×16")
+    ]
+    stmt = parse("decompose Conv2d where speedup > 3 rank = 24").statements[0]
+    assert DecomposePass(stmt, ctx).plan(model).rows == []
+    # `method svd` cannot factor a 3×3 conv, so there is no Tucker speedup to match.
+    stmt = parse("decompose Conv2d where speedup > 0 rank = 24 method svd").statements[0]
+    assert DecomposePass(stmt, ctx).plan(model).rows == []
+
+
+def test_where_speedup_times_convs_for_real(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_cnn()
+    ex = Inputs(model.example_inputs, {})
+    measured = lat.tucker_speedups(
+        {"c1": model.c1}, analyze(model, ex), {"c1": (16, 8)}, get_backend("torch", "cpu")
+    )
+    low, high = measured["c1"] * 0.5, measured["c1"] * 2
+    # The cached table decides the selector: below the measured speedup c1 matches.
+    run = Manager(
+        parse(f'decompose Conv2d where name ~ "c1" and speedup > {low:.4f} rank = 0.5'), model
+    ).run(measure=False)
+    assert [c.path for c in run.changes] == ["c1"]
+    assert isinstance(run.model.c1, TuckerConv2d)
+    run = Manager(
+        parse(f'decompose Conv2d where name ~ "c1" and speedup > {high:.4f} rank = 0.5'), model
+    ).run(measure=False)
+    assert not run.changes
+    assert any(w.code == "S0301" for w in run.warnings)

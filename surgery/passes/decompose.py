@@ -652,11 +652,14 @@ class DecomposePass(SurgeryPass):
         return max(1, min(target, be))
 
     def _speedups(self, model: nn.Module, context: PassContext) -> dict[str, float]:
-        """``where speedup > X``: each matrix layer of the selector's type timed alone on the
+        """``where speedup > X``: each layer of the selector's type timed alone on the
         recipe's first target (torch CPU when it names none), at the requested rank rounded
-        to the target's tile. Layers that cannot be timed have no speedup and never match."""
+        to the target's tile: matrix layers (Linear, Conv1D) against their low-rank pair, k×k
+        Conv2d against its Tucker-2 form (when the method is `tucker`, the default). Layers
+        that cannot be timed (1×1 and grouped convs among them) have no speedup and never
+        match."""
         from surgery.backends import LoweringError, get_backend
-        from surgery.backends.latency import layer_speedups
+        from surgery.backends.latency import layer_speedups, tucker_speedups
 
         stmt: ast.Decompose = self.statement
         rank = stmt.rank
@@ -669,8 +672,20 @@ class DecomposePass(SurgeryPass):
         wanted = {stmt.selector.type.value} if stmt.selector.type else set(self.supported_types)
         modules = dict(model.named_modules())
         requested: dict[str, int] = {}
+        convs: dict[str, nn.Module] = {}
+        pairs: dict[str, tuple[int, int]] = {}
         for path, info in context.analysis.modules.items():
             module = modules.get(path)
+            if (
+                isinstance(module, nn.Conv2d)
+                and info.input_shapes
+                and ({info.type} | type_names(module)) & wanted
+                and self._classify(path, module)[0] == "tucker"
+                and self._method_for("tucker") == "tucker"
+            ):
+                convs[path] = module
+                pairs[path] = self._tucker_request(module)
+                continue
             if (
                 module is None
                 or info.kernel is not None
@@ -690,7 +705,10 @@ class DecomposePass(SurgeryPass):
         targets = context.options.get("targets") or [("torch", "cpu", None)]
         backend = get_backend(*targets[0])
         try:
-            return layer_speedups(model, context.analysis, list(requested), requested, backend)
+            speedups = layer_speedups(model, context.analysis, list(requested), requested, backend)
+            if convs:
+                speedups |= tucker_speedups(convs, context.analysis, pairs, backend)
+            return speedups
         except (LoweringError, ValueError) as exc:
             raise self._error(
                 f"`where speedup` cannot time layers on {backend.name}: {exc}", stmt.selector
@@ -895,21 +913,19 @@ class DecomposePass(SurgeryPass):
             ),
         )
 
-    def _plan_tucker(self, cand: _Candidate) -> None:
-        stmt: ast.Decompose = self.statement
-        module = cand.module
-        assert isinstance(module, nn.Conv2d)
-        row = cand.row
-        S, C = module.weight.shape[:2]
-        rank = stmt.rank
+    def _tucker_request(self, module: nn.Conv2d) -> tuple[int, int]:
+        """The ``(r_out, r_in)`` the statement's rank asks of a k×k conv (before `keep if
+        faster`): a fraction or absolute rank of each mode, or each mode's energy threshold."""
+        rank = self.statement.rank
         assert rank is not None
-        w = module.weight.detach().to(torch.float64)
+        S, C = module.weight.shape[:2]
         if rank.kind == "fraction":
             r_out = rank_from_fraction(S, S, rank.value.magnitude)
             r_in = rank_from_fraction(C, C, rank.value.magnitude)
         elif rank.kind == "absolute":
             r_out, r_in = min(int(rank.value.magnitude), S), min(int(rank.value.magnitude), C)
         else:
+            w = module.weight.detach().to(torch.float64)
             sv_out = torch.linalg.svdvals(w.reshape(S, -1))  # mode-0 unfolding [S, C·kh·kw]
             sv_in = torch.linalg.svdvals(w.transpose(0, 1).reshape(C, -1))  # mode-1 [C, S·kh·kw]
             r_out = rank_for_energy(sv_out, rank.value.magnitude)
@@ -917,6 +933,16 @@ class DecomposePass(SurgeryPass):
         if self._multiple > 1:
             r_out = round_rank(r_out, self._multiple, max_rank=S)
             r_in = round_rank(r_in, self._multiple, max_rank=C)
+        return r_out, r_in
+
+    def _plan_tucker(self, cand: _Candidate) -> None:
+        stmt: ast.Decompose = self.statement
+        module = cand.module
+        assert isinstance(module, nn.Conv2d)
+        row = cand.row
+        S, C = module.weight.shape[:2]
+        w = module.weight.detach().to(torch.float64)
+        r_out, r_in = self._tucker_request(module)
         row.detail["rank"] = f"{r_out}×{r_in}"
         row.detail["full_rank"] = f"{S}×{C}"
         in_hw = cand.extra.get("in_hw") or 1
