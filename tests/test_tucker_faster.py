@@ -164,16 +164,27 @@ def _fake_measure(calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]
     return fake
 
 
-def test_keep_if_faster_on_a_fake_table_through_the_pass(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+Calls = list[tuple[int, tuple[int, ...], list[tuple[int, int]]]]
+
+
+def _faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Calls, TinyCNN, PassContext]:
+    """The tiny CNN and its pass context, conv timing faked by :func:`_fake_measure` (its
+    calls recorded) and the latency cache in ``tmp_path``."""
     monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
-    calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]] = []
+    calls: Calls = []
     monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(calls))
     model = tiny_cnn()
     ex = Inputs(model.example_inputs, {})
+    return calls, model, PassContext(analysis=analyze(model, ex), example=ex)
+
+
+def test_keep_if_faster_on_a_fake_table_through_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, model, ctx = _faked(tmp_path, monkeypatch)
+    ex = ctx.example
     stmt = parse("decompose Conv2d where kernel > 1 rank = 24 keep if faster").statements[0]
-    p = DecomposePass(stmt, PassContext(analysis=analyze(model, ex), example=ex))
+    p = DecomposePass(stmt, ctx)
     plan = p.plan(model)
     rows = {r.path: r for r in plan.rows}
     # Each conv timed alone at its real input shape; pairs down from 24×16 by 8 on r_out.
@@ -189,7 +200,7 @@ def test_keep_if_faster_on_a_fake_table_through_the_pass(
     assert isinstance(model.c1, TuckerConv2d) and (model.c1.rank_out, model.c1.rank_in) == (16, 11)
     assert isinstance(model.c2, nn.Conv2d)
     # The tables were cached: a second plan measures nothing.
-    again: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]] = []
+    again: Calls = []
     monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(again))
     fresh = tiny_cnn()
     DecomposePass(stmt, PassContext(analysis=analyze(fresh, ex), example=ex)).plan(fresh)
@@ -242,12 +253,7 @@ def test_an_unavailable_target_is_a_located_error(monkeypatch: pytest.MonkeyPatc
 def test_where_speedup_selects_convs_by_their_tucker_speedup_on_a_fake_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
-    calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]] = []
-    monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(calls))
-    model = tiny_cnn()
-    ex = Inputs(model.example_inputs, {})
-    ctx = PassContext(analysis=analyze(model, ex), example=ex)
+    calls, model, ctx = _faked(tmp_path, monkeypatch)
     # c1: dense 10 s, its 24×16 pair 3.4 s → 2.94×; c2: dense 0.1 s, every pair 1 s → 0.1×.
     stmt = parse("decompose Conv2d where speedup > 2 rank = 24").statements[0]
     plan = DecomposePass(stmt, ctx).plan(model)
