@@ -6,11 +6,16 @@ backend translates the graph itself:
 1. ``torch.export`` (non-strict, :func:`~surgery.backends.base.export_program`) gives the aten
    graph; it is **not** decomposed further (``run_decompositions`` fails on GPT-2 with SDPA
    attention), so the rules below cover the ops such graphs hold: ``linear``, ``matmul``,
-   ``einsum``, convolutions (transposed and ``padding="same"`` too), norms, activations,
-   softmax, attention, top-k / sort / gather / scatter, reshapes and friends. MindSpore's
+   ``einsum``, convolutions (1-, 2- and 3-d transposed ones and ``padding="same"`` too),
+   norms, activations, softmax, attention, top-k / sort / gather / scatter (with its
+   reductions: ``scatter(reduce=...)``, ``scatter_add``, ``scatter_reduce`` sum / prod / amax
+   / amin / mean with or without ``include_self``), reshapes and friends. MindSpore's
    ``Einsum`` has no CPU kernel, so an einsum becomes transposes, reshapes and batched
-   matmuls; an in-place write into a view (``scores[:, 0] = inf``, a ``fill_`` of a
-   ``select``) rebinds the viewed tensor to a ``where`` over the positions it covers;
+   matmuls, after a strided slice for each diagonal (a subscript repeated in one operand,
+   ``ii->i``); an in-place write into a view (``scores[:, 0] = inf``, a ``fill_`` of a
+   ``select``) rebinds the viewed tensor to a ``where`` over the positions it covers.
+   Refused with a located error: 3-d transposed convolutions outside float32 / float16 (the
+   CPU kernel's dtypes) and scatter reductions on ``bool`` or complex tensors;
 2. nodes that do not depend on the inputs' values or on a parameter (``arange``, mask
    constants, buffer slices, ``zeros_like``) are **folded** by running them in torch once;
    their results become constants of the cell;
@@ -838,12 +843,16 @@ def _conv(g: _Codegen, n: Node) -> str:
     )
 
 
-@_rule("aten.conv_transpose1d.default", "aten.conv_transpose2d.input")
+@_rule(
+    "aten.conv_transpose1d.default",
+    "aten.conv_transpose2d.input",
+    "aten.conv_transpose3d.input",
+)
 def _conv_transpose(g: _Codegen, n: Node) -> str:
     """A transposed convolution as MindSpore's ``Conv2DTranspose`` primitive (its CPU kernel).
 
     ``ops.conv_transpose2d`` has no CPU kernel; the primitive takes the output size, which
-    carries ``output_padding``. 1-d runs as a 1×W 2-d one.
+    carries ``output_padding``. 1-d runs as a 1×W 2-d one; 3-d is :func:`_conv_transpose3d`.
     """
     x, w = _a(n)[:2]
     b = _arg(n, 2, "bias")
@@ -853,10 +862,12 @@ def _conv_transpose(g: _Codegen, n: Node) -> str:
     else:
         stride, padding = _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0)
         groups, dilation = int(_arg(n, 6, "groups", 1)), _arg(n, 7, "dilation", 1)
-    if k not in (1, 2):
+    if k not in (1, 2, 3):
         raise g.error(f"{k}-d transposed convolution is not mapped")
     stride, pads, dilation = _tuple(stride, k), _tuple(padding, k), _tuple(dilation, k)
     out = g.out_shape(n)
+    if k == 3:
+        return _conv_transpose3d(g, x, w, b, stride, pads, dilation, groups, out)
     xs, ws, kernel = g.r(x), g.r(w), tuple(g.shape(w)[2:])
     if k == 1:
         xs, ws = f"ops.expand_dims({xs}, 2)", f"ops.expand_dims({ws}, 2)"
@@ -871,6 +882,57 @@ def _conv_transpose(g: _Codegen, n: Node) -> str:
     if b is not None:
         y = f"ops.add({y}, ops.reshape({g.r(b)}, {g.r((1, -1, 1, 1))}))"
     return f"ops.squeeze({y}, 2)" if k == 1 else y
+
+
+def _conv_transpose3d(
+    g: _Codegen,
+    x: Any,
+    w: Any,
+    b: Any,
+    stride: tuple[int, ...],
+    pads: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    out: tuple[int, ...],
+) -> str:
+    """A 3-d transposed convolution as MindSpore's ``Conv3DTranspose`` primitive (CPU kernel).
+
+    The primitive takes no depth dilation and rejects some ``output_padding`` torch accepts,
+    so it computes the full, unpadded result: a depth dilation is spread into the kernel
+    (zeros between its taps, exact), ``padding`` is cropped from the result, and
+    ``output_padding`` is the crop's end moved outwards, zeros where it passes the full size.
+    """
+    if g.dtype(w) not in (torch.float32, torch.float16):
+        raise g.error(f"3-d transposed convolution in {g.dtype(w)} has no MindSpore CPU kernel")
+    ws = g.r(w)
+    ci, co, *kernel = g.shape(w)
+    if dilation[0] > 1:
+        dd, (kd, kh, kw) = dilation[0], kernel
+        gaps = g.const(torch.zeros(ci, co, kd, dd - 1, kh, kw, dtype=g.dtype(w)))
+        spread = g.tmp(f"ops.concat((ops.expand_dims({ws}, 3), {gaps}), 3)")
+        kernel[0] = (kd - 1) * dd + 1
+        spread = g.tmp(f"ops.reshape({spread}, {g.r((ci, co, kd * dd, kh, kw))})")
+        ws, dilation = f"{spread}[:, :, :{kernel[0]}]", (1, *dilation[1:])
+    prim = (
+        f"ops.Conv3DTranspose({g.shape(x)[1]}, {out[1]}, {g.r(tuple(kernel))}, "
+        f"pad_mode='pad', pad=0, stride={g.r(stride)}, dilation={g.r(dilation)}, "
+        f"group={groups})"
+    )
+    y = g.tmp(f"{prim}({g.r(x)}, {ws})")
+    full = [
+        (i - 1) * s + d * (k - 1) + 1
+        for i, s, d, k in zip(g.shape(x)[2:], stride, dilation, kernel)
+    ]
+    sizes = out[2:]
+    if list(pads) != [0, 0, 0] or list(sizes) != full:
+        crop = ", ".join(f"{p}:{min(p + o, f)}" for p, o, f in zip(pads, sizes, full))
+        y = g.tmp(f"{y}[:, :, {crop}]")
+    extra = [max(0, p + o - f) for p, o, f in zip(pads, sizes, full)]
+    if any(extra):
+        y = g.tmp(f"ops.pad({y}, {g.r(tuple(p for e in reversed(extra) for p in (0, e)))})")
+    if b is not None:
+        y = f"ops.add({y}, ops.reshape({g.r(b)}, {g.r((1, -1, 1, 1, 1))}))"
+    return y
 
 
 @_rule("aten.max_pool2d.default", "aten.avg_pool2d.default")
@@ -975,6 +1037,30 @@ def _einsum_terms(equation: str, shapes: Sequence[tuple[int, ...]]) -> tuple[lis
     return out, rhs
 
 
+def _einsum_diagonal(
+    g: _Codegen, x: str, term: str, shape: tuple[int, ...], c: str
+) -> tuple[str, str, tuple[int, ...]]:
+    """Operand ``x`` (subscripts ``term``) reduced to its diagonal over subscript ``c``.
+
+    The repeated axes move last and flatten to ``s**m`` elements; the diagonal is every
+    ``(s**m - 1) / (s - 1)``-th of them, a strided slice (exact, unlike a mask and a sum).
+    The result's subscripts are ``term`` without ``c``, then ``c`` once.
+    """
+    axes = [i for i, t in enumerate(term) if t == c]
+    rest = [i for i, t in enumerate(term) if t != c]
+    sizes = {shape[i] for i in axes}
+    if len(sizes) != 1:
+        raise g.error(f"einsum subscript `{c}` repeats over sizes {sorted(sizes)}")
+    s, m = sizes.pop(), len(axes)
+    if rest + axes != list(range(len(term))):
+        x = g.tmp(f"ops.transpose({x}, {g.r(tuple(rest + axes))})")
+    kept = tuple(shape[i] for i in rest)
+    x = g.tmp(f"ops.reshape({x}, {g.r((*kept, s**m))})")
+    step = sum(s**j for j in range(m))
+    x = g.tmp(f"{x}[{', '.join([':'] * len(kept) + [f'::{step}'])}]")
+    return x, "".join(term[i] for i in rest) + c, (*kept, s)
+
+
 @_rule("aten.einsum.default")
 def _einsum(g: _Codegen, n: Node) -> str:
     # MindSpore's Einsum has no CPU kernel: contract pairwise, left to right, as a batched
@@ -986,8 +1072,12 @@ def _einsum(g: _Codegen, n: Node) -> str:
         terms, output = _einsum_terms(equation, shapes)
     except LoweringError as exc:
         raise g.error(str(exc).removeprefix("mindir: ")) from exc
-    if any(len(set(t)) != len(t) for t in [*terms, output]):
-        raise g.error(f"einsum `{equation}` repeats a subscript (a diagonal): not mapped")
+    if len(set(output)) != len(output):
+        raise g.error(f"einsum `{equation}` repeats an output subscript")
+    srcs = [g.cast_to(x, dtype) for x in operands]
+    for i, t in enumerate(terms):  # a repeated subscript: the diagonal, subscripted once
+        for c in [c for c in dict.fromkeys(t) if t.count(c) > 1]:
+            srcs[i], terms[i], shapes[i] = _einsum_diagonal(g, srcs[i], terms[i], shapes[i], c)
     size: dict[str, int] = {}
     for t, s in zip(terms, shapes):
         for c, d in zip(t, s):
@@ -1010,7 +1100,7 @@ def _einsum(g: _Codegen, n: Node) -> str:
 
     def prepared(i: int, keep: str) -> tuple[str, str]:
         """Operand ``i`` summed over the subscripts not in ``keep``, broadcast to full size."""
-        x, term = g.cast_to(operands[i], dtype), terms[i]
+        x, term = srcs[i], terms[i]
         x, kept = reduce(x, term, keep)
         have = tuple(d for c, d in zip(term, shapes[i]) if c in kept)
         want = tuple(size[c] for c in kept)
@@ -1077,21 +1167,102 @@ def _take_along_dim(g: _Codegen, n: Node) -> str:
     return f"ops.gather_elements({xs}, {d}, {idx})"
 
 
-@_rule("aten.scatter.src", "aten.scatter.value")
+# torch's reduction names (``scatter(reduce=...)`` and ``scatter_reduce``) -> one spelling.
+_SCATTER_REDUCE = {
+    "add": "sum",
+    "multiply": "prod",
+    "sum": "sum",
+    "prod": "prod",
+    "amax": "amax",
+    "amin": "amin",
+    "mean": "mean",
+}
+# The MindSpore primitives that scatter by coordinates and combine duplicates (CPU kernels).
+_SCATTER_ND = {"prod": "TensorScatterMul", "amax": "TensorScatterMax", "amin": "TensorScatterMin"}
+
+
+@_rule(
+    "aten.scatter.src",
+    "aten.scatter.value",
+    "aten.scatter.reduce",
+    "aten.scatter.value_reduce",
+    "aten.scatter_add.default",
+    "aten.scatter_reduce.two",
+)
 def _scatter(g: _Codegen, n: Node) -> str:
+    """``scatter`` as ``tensor_scatter_elements``; its reductions as scatters that combine.
+
+    Sums (``scatter_add``, ``reduce="add"``, ``"sum"``, ``"mean"``) are
+    ``tensor_scatter_elements(..., "add")``; products, maxima and minima are the coordinate
+    scatters ``TensorScatterMul`` / ``Max`` / ``Min``, given each index's full coordinates.
+    ``include_self=False`` first overwrites the scattered positions with the reduction's
+    identity; a mean divides by the count of values at each position, as torch does
+    (flooring for integers). The coordinate scatters are deprecated from MindSpore 2.10.0 but
+    are its only CPU kernels for these reductions.
+    """
+    target = str(n.target)
     x, dim, index, src = _a(n)[:4]
-    if _k(n).get("reduce") is not None:
-        raise g.error("scatter with a reduction is not mapped")
     d = g.dim(x, dim)
     ishape = g.shape(index)
     dtype = g.dtype(n)
+    if dtype is None:
+        raise g.error("scatter of a non-tensor")
     if isinstance(src, Node | Tensor):
         upd = g.cast_to(src, dtype)
         if g.shape(src) != ishape:  # torch reads only the index's extent of src
             upd = f"{upd}[{', '.join(f':{s}' for s in ishape)}]"
     else:
         upd = g.const(torch.full(ishape, src, dtype=dtype))
-    return f"ops.tensor_scatter_elements({g.r(x)}, {g.cast_to(index, torch.int64)}, {upd}, {d})"
+    idx = g.cast_to(index, torch.int64)
+    if target in ("aten.scatter.src", "aten.scatter.value"):
+        return f"ops.tensor_scatter_elements({g.r(x)}, {idx}, {upd}, {d})"
+    raw: Any = _k(n).get("reduce")  # scatter.reduce, scatter.value_reduce
+    include_self = True
+    if target == "aten.scatter_add.default":
+        raw = "sum"
+    elif target == "aten.scatter_reduce.two":
+        raw, include_self = _arg(n, 4, "reduce"), bool(_k(n).get("include_self", True))
+    if raw not in _SCATTER_REDUCE:
+        raise g.error(f"scatter reduction {raw!r} is not mapped")
+    reduce = _SCATTER_REDUCE[raw]
+    if dtype == torch.bool or dtype.is_complex:
+        raise g.error(f"scatter with reduction {reduce!r} on {dtype} is not mapped")
+    if idx != g.r(index):  # a cast, read more than once below
+        idx = g.tmp(idx)
+    base = g.r(x)
+    if not include_self:  # the scattered positions start from the reduction's identity
+        if reduce in ("sum", "mean"):
+            start: float = 0
+        elif reduce == "prod":
+            start = 1
+        elif dtype.is_floating_point:
+            start = -math.inf if reduce == "amax" else math.inf
+        else:
+            info = torch.iinfo(dtype)
+            start = info.min if reduce == "amax" else info.max
+        fill = g.const(torch.full(ishape, start, dtype=dtype))
+        base = g.tmp(f"ops.tensor_scatter_elements({base}, {idx}, {fill}, {d})")
+    if reduce in ("sum", "mean"):
+        total = g.tmp(f"ops.tensor_scatter_elements({base}, {idx}, {upd}, {d}, 'add')")
+        if reduce == "sum":
+            return total
+        count = g.const(torch.ones(g.shape(x), dtype=dtype))
+        ones = g.const(torch.ones(ishape, dtype=dtype))
+        if not include_self:
+            zeros = g.const(torch.zeros(ishape, dtype=dtype))
+            count = g.tmp(f"ops.tensor_scatter_elements({count}, {idx}, {zeros}, {d})")
+        count = g.tmp(f"ops.tensor_scatter_elements({count}, {idx}, {ones}, {d}, 'add')")
+        div = "ops.div" if dtype.is_floating_point else "ops.floor_divide"
+        return f"{div}({total}, {count})"
+    # Coordinates of every index element: its position, with ``index`` along ``d``.
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s) for s in ishape], indexing="ij"), -1)
+    parts = [f"ops.expand_dims({idx}, -1)"]
+    if d > 0:
+        parts.insert(0, g.const(grid[..., :d].contiguous()))
+    if d < len(ishape) - 1:
+        parts.append(g.const(grid[..., d + 1 :].contiguous()))
+    coords = parts[0] if len(parts) == 1 else g.tmp(f"ops.concat(({', '.join(parts)}), -1)")
+    return f"ops.{_SCATTER_ND[reduce]}()({base}, {coords}, {upd})"
 
 
 @_rule("aten.any.dim", "aten.any.dims", "aten.any.default", "aten.all.dim", "aten.all.default")

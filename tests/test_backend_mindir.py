@@ -3,7 +3,8 @@
 Needs MindSpore (``pip install mindspore==2.10.0``): without it every lowering test skips with
 the backend's own reason. The translation rules are tested op by op on small modules where
 MindSpore's defaults differ from torch's (exact GELU, layer-norm epsilon, masks, dtype
-promotion) or where MindSpore has no CPU kernel (einsum, transposed convolution), then on
+promotion) or where MindSpore has no CPU kernel (einsum and its diagonals, transposed
+convolution, scatter reductions), then on
 surgered tiny BERT, GPT-2 and a token-skipping ViT through the shared ``verify``.
 """
 
@@ -218,13 +219,30 @@ def test_einsum_lowered_to_batched_matmuls(backend: MindirBackend, tmp_path: Pat
     assert "einsum" not in source and "ops.matmul" in source  # MindSpore's Einsum has no CPU kernel
 
 
-def test_einsum_diagonal_is_refused() -> None:
-    class Trace(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            return torch.einsum("ii->", x)
+class _EinsumDiagonal(nn.Module):
+    """Repeated subscripts in one operand: diagonals, taken before the contraction."""
 
-    with pytest.raises(LoweringError, match=r"einsum `ii->` repeats a subscript"):
-        generate_cell_source(torch.export.export(Trace(), (torch.ones(3, 3),)))
+    def forward(self, m: Tensor, b: Tensor, c: Tensor, k: Tensor) -> tuple[Tensor, ...]:
+        return (
+            torch.einsum("ii->", m),  # a trace
+            torch.einsum("ii", m),  # the same, implicit output
+            torch.einsum("ii->i", m),  # the diagonal itself
+            torch.einsum("bii->bi", b),  # a batch of diagonals
+            torch.einsum("iij,jk->ik", c, k),  # a diagonal, then a contraction
+            torch.einsum("ijij->ji", c.reshape(3, 2, 3, 2)),  # two repeated subscripts
+            torch.einsum("iii->i", c[:, :, :3]),  # a subscript three times
+            torch.einsum("bii,bi->b", b, b[:, 0]),  # a diagonal contracted with a batch
+        )
+
+
+def test_einsum_diagonal(backend: MindirBackend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m, b = torch.randn(4, 4), torch.randn(2, 5, 5)
+    c, k = torch.randn(3, 3, 4), torch.randn(4, 2)
+    c[0, 1] = math.inf  # off the diagonal: a mask-and-sum would turn it into nan
+    _lowered_close(backend, _EinsumDiagonal().eval(), m, b, c, k, tmp_path=tmp_path, tol=1e-6)
+    source = (tmp_path / "model_cell.py").read_text()
+    assert "einsum" not in source and "diagonal" not in source
 
 
 class _Selection(nn.Module):
@@ -285,6 +303,97 @@ def test_transposed_convolution(backend: MindirBackend, tmp_path: Path) -> None:
     _lowered_close(backend, model, torch.randn(2, 4, 5, 6), tmp_path=tmp_path, tol=1e-4)
     conv1d = nn.ConvTranspose1d(3, 2, 4, stride=3, padding=1).eval()
     _lowered_close(backend, conv1d, torch.randn(2, 3, 7), tmp_path=tmp_path / "1d", tol=1e-5)
+
+
+class _ConvTranspose3dAten(nn.Module):
+    """``aten.convolution`` with ``transposed=True``, as some exporters spell it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 2, 3, 2) * 0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.aten.convolution.default(
+            x, self.weight, None, [1, 2, 1], [0, 1, 1], [1, 1, 2], True, [0, 1, 1], 1
+        )
+
+
+def test_transposed_convolution_3d(backend: MindirBackend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    up = nn.ConvTranspose3d(
+        4, 6, (3, 2, 3), stride=(2, 1, 3), padding=(1, 0, 1), output_padding=(1, 0, 2)
+    )
+    # A depth dilation (spread into the kernel) and output_padding >= stride (< dilation).
+    grouped = nn.ConvTranspose3d(
+        6, 4, 3, stride=1, padding=(2, 1, 0), output_padding=(1, 0, 0), dilation=(3, 2, 1), groups=2
+    )
+    model = nn.Sequential(up, nn.ReLU(), grouped).eval()
+    _lowered_close(backend, model, torch.randn(2, 4, 3, 5, 4), tmp_path=tmp_path, tol=1e-5)
+    source = (tmp_path / "model_cell.py").read_text()
+    assert "ops.Conv3DTranspose" in source
+    aten = _ConvTranspose3dAten().eval()
+    _lowered_close(backend, aten, torch.randn(1, 4, 3, 4, 5), tmp_path=tmp_path / "aten", tol=1e-5)
+
+
+def test_transposed_convolution_3d_in_float64_is_refused() -> None:
+    model = nn.ConvTranspose3d(2, 2, 2).double().eval()
+    program = torch.export.export(model, (torch.ones(1, 2, 3, 3, 3, dtype=torch.float64),))
+    with pytest.raises(LoweringError, match=r"3-d transposed convolution in torch.float64"):
+        generate_cell_source(program)
+
+
+class _ScatterReduce(nn.Module):
+    """Every scatter reduction, with duplicate indices and an index smaller than ``src``."""
+
+    def forward(self, x: Tensor, index: Tensor, src: Tensor) -> tuple[Tensor, ...]:
+        rows = index[:2] % 3  # (2, 3): dim 0 scatters across rows
+        outs = [
+            x.scatter(1, index, src, reduce="add"),
+            x.scatter(1, index, src, reduce="multiply"),
+            x.scatter(1, index, 1.5, reduce="add"),
+            x.scatter(0, rows, -2.0, reduce="multiply"),
+            x.scatter_add(1, index, src),
+            torch.scatter_add(x, 0, rows, src),
+        ]
+        for reduce in ("sum", "prod", "amax", "amin", "mean"):
+            for include_self in (True, False):
+                outs.append(x.scatter_reduce(1, index, src, reduce, include_self=include_self))
+        outs.append(x.scatter_reduce(0, rows, src, "mean", include_self=False))
+        return tuple(outs)
+
+
+class _ScatterReduceInt(nn.Module):
+    def forward(self, x: Tensor, index: Tensor, src: Tensor) -> tuple[Tensor, ...]:
+        return tuple(
+            x.scatter_reduce(1, index, src, reduce, include_self=include_self)
+            for reduce in ("sum", "prod", "amax", "amin", "mean")
+            for include_self in (True, False)
+        )
+
+
+@pytest.mark.filterwarnings("ignore:The reduce argument of torch.scatter")
+def test_scatter_reductions(backend: MindirBackend, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, src = torch.randn(3, 5), torch.randn(3, 4)
+    index = torch.tensor([[0, 0, 2], [4, 4, 4], [1, 3, 3]])  # duplicates; column 4 of src unread
+    _lowered_close(backend, _ScatterReduce().eval(), x, index, src, tmp_path=tmp_path, tol=1e-6)
+    xi, si = torch.randint(-9, 10, (3, 5)), torch.randint(-9, 10, (3, 4))
+    model = _ScatterReduceInt().eval()
+    _lowered_close(backend, model, xi, index, si, tmp_path=tmp_path / "int")  # mean floors
+
+
+def test_scatter_reduction_on_bool_is_refused() -> None:
+    class Any(nn.Module):
+        def forward(self, x: Tensor, index: Tensor, src: Tensor) -> Tensor:
+            return x.scatter_add(1, index, src)
+
+    args = (
+        torch.zeros(2, 3, dtype=torch.bool),
+        torch.tensor([[0], [2]]),
+        torch.ones(2, 1, dtype=torch.bool),
+    )
+    with pytest.raises(LoweringError, match=r"scatter with reduction 'sum' on torch.bool"):
+        generate_cell_source(torch.export.export(Any(), args))
 
 
 class _Unmapped(nn.Module):
