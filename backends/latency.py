@@ -486,15 +486,21 @@ def layer_speedups(
 # ratio: the *lead* (larger) rank steps down by the tile and the other follows it
 # (:func:`tucker_candidate_pairs`), so the cliff rule of the matrix layers applies unchanged to
 # the lead rank (:func:`choose_tucker_ranks`).
+#
+# A ``1×1`` ``Conv2d`` is decomposed by SVD into :class:`surgery.modules.LowRankConv2d` (two
+# ``1×1`` convs through ``rank`` channels); its tables use the same machinery with the pair
+# ``(rank, rank)`` and ``layer = "LowRankConv2d"``, so they are timed as the convs they are
+# (not as a Linear over pixels).
 
 Pair = tuple[int, int]  # (r_out, r_in)
 
 
 @dataclass
 class ConvLatencyTable:
-    """Median seconds of one ``k×k`` Conv2d on one target: dense, and Tucker-2 per rank pair.
+    """Median seconds of one Conv2d on one target: dense, and factored per rank pair.
 
-    ``ranks`` maps ``(r_out, r_in)`` to seconds. Its cache key starts with ``conv-``, so it
+    ``ranks`` maps ``(r_out, r_in)`` to seconds: Tucker-2 for a ``k×k`` conv, the low-rank
+    pair at ``(rank, rank)`` for a ``1×1`` one (``layer`` says which). Its cache key starts with ``conv-``, so it
     never shares a file with a :class:`LatencyTable`.
     """
 
@@ -519,7 +525,7 @@ class ConvLatencyTable:
         """Cache key: the conv's geometry, input shape, dtype, backend and torch version."""
         geometry = _geometry(**{name: getattr(self, name) for name in _GEOMETRY})
         return conv_table_key(
-            self.backend, geometry, self.input_shape, self.dtype, self.torch_version
+            self.backend, geometry, self.input_shape, self.dtype, self.torch_version, self.layer
         )
 
     def speedup(self, pair: Pair) -> float:
@@ -610,9 +616,10 @@ def conv_table_key(
     input_shape: Iterable[int],
     dtype: str,
     torch_version: str,
+    layer: str = "TuckerConv2d",
 ) -> str:
     """Cache key of a :class:`ConvLatencyTable` (prefixed ``conv-``: disjoint from matrix keys)."""
-    text = json.dumps(["TuckerConv2d", backend, geometry, list(input_shape), dtype, torch_version])
+    text = json.dumps([layer, backend, geometry, list(input_shape), dtype, torch_version])
     return "conv-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -663,10 +670,19 @@ def choose_tucker_ranks(table: ConvLatencyTable, requested: Pair, step: int) -> 
     return None if pick is None else _scaled_pair(requested, pick)
 
 
-def _tucker(conv: nn.Conv2d, ranks: Pair) -> nn.Module:
-    from surgery.modules.tucker_conv import TuckerConv2d  # the layer the pass would build
+def _conv_layer(conv: nn.Conv2d) -> str:
+    """The factored layer the pass builds for ``conv``: a low-rank pair for 1×1, else Tucker-2."""
+    return "LowRankConv2d" if tuple(conv.kernel_size) == (1, 1) else "TuckerConv2d"
+
+
+def _factored(conv: nn.Conv2d, ranks: Pair) -> nn.Module:
+    """``conv`` factored at ``ranks`` as the pass would build it (weights not fitted)."""
+    from surgery.modules.lowrank_conv import LowRankConv2d
+    from surgery.modules.tucker_conv import TuckerConv2d
 
     r_out, r_in = ranks
+    if _conv_layer(conv) == "LowRankConv2d":
+        return LowRankConv2d.like(conv, r_out)
     return TuckerConv2d.like(conv, rank_out=r_out, rank_in=r_in)
 
 
@@ -679,7 +695,8 @@ def measure_tucker_conv(
     warmup: int = 3,
     repeats: int = 15,
 ) -> ConvLatencyTable:
-    """Time a dense conv of ``conv``'s geometry and a TuckerConv2d per rank pair (no cache).
+    """Time a dense conv of ``conv``'s geometry and its factored form per rank pair (no cache):
+    a TuckerConv2d for ``k×k``, a LowRankConv2d at ``(rank, rank)`` for ``1×1``.
 
     Weights are random (latency does not depend on their values); variants run in
     interleaved rounds like :func:`measure_linear`.
@@ -689,7 +706,7 @@ def measure_tucker_conv(
     dense = nn.Conv2d(**geometry, dtype=dtype)
     variants: dict[Pair | None, nn.Module] = {None: dense}
     for ranks in pairs:
-        variants[(int(ranks[0]), int(ranks[1]))] = _tucker(conv, ranks)
+        variants[(int(ranks[0]), int(ranks[1]))] = _factored(conv, ranks)
     medians = _time_variants(backend, variants, input_shape, dtype, warmup, repeats)
     dense_s = medians.pop(None)
     return ConvLatencyTable(
@@ -701,6 +718,7 @@ def measure_tucker_conv(
         dense=dense_s,
         ranks={p: t for p, t in medians.items() if p is not None},
         repeats=repeats,
+        layer=_conv_layer(conv),
     )
 
 
@@ -726,6 +744,7 @@ def tucker_latency_table(
         input_shape,
         str(conv.weight.dtype).removeprefix("torch."),
         torch.__version__,
+        _conv_layer(conv),
     )
     cached = None if refresh else load_table(key, directory, ConvLatencyTable)
     if cached is not None and wanted <= set(cached.ranks):
@@ -755,8 +774,8 @@ def keep_if_faster_tucker_ranks(
     repeats: int = 15,
     directory: Path | None = None,
 ) -> dict[str, Pair | None]:
-    """For ``decompose … keep if faster`` on ``k×k`` convs: the ``(r_out, r_in)`` per conv,
-    None to stay dense.
+    """For ``decompose … keep if faster`` on convs: the ``(r_out, r_in)`` per conv, None to
+    stay dense (a ``1×1`` conv's pair is ``(rank, rank)``: its low-rank pair).
 
     ``convs`` maps each path to its ``Conv2d`` and ``requested[path]`` is the pair the plan
     chose. Each conv is timed alone at its analysed input shape on ``backend`` (cached on disk
@@ -781,7 +800,8 @@ def tucker_speedups(
     repeats: int = 15,
     directory: Path | None = None,
 ) -> dict[str, float]:
-    """For ``where speedup > X`` on ``k×k`` convs: dense latency ÷ Tucker-2 latency per conv.
+    """For ``where speedup > X`` on convs: dense latency ÷ factored latency per conv (Tucker-2
+    for ``k×k``, the low-rank pair at ``(rank, rank)`` for ``1×1``).
 
     Measured at the requested pair with its larger rank rounded down to the tile (the other
     scaled with it), the only pair timed — as :func:`layer_speedups` does for matrix layers.

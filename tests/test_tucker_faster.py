@@ -290,3 +290,84 @@ def test_where_speedup_times_convs_for_real(
     ).run(measure=False)
     assert not run.changes
     assert any(w.code == "S0301" for w in run.warnings)
+
+
+# --- 1×1 convs: timed as the two 1×1 convs of their low-rank pair ---------------------------
+
+
+class Pointwise(nn.Module):
+    """One 1×1 conv (32→64), decomposed by SVD into a LowRankConv2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(32, 64, 1)
+        self.example_inputs = (
+            torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(0)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(x)
+
+
+def test_keep_if_faster_on_a_1x1_conv_times_its_low_rank_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from surgery.modules import LowRankConv2d
+
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[tuple[tuple[int, ...], list[tuple[int, int]]]] = []
+
+    def fake(backend, conv, shape, pairs, **kw):  # type: ignore[no-untyped-def]
+        pairs = list(pairs)
+        calls.append((shape, pairs))
+        # The real measurement builds the pair the pass would build.
+        assert all(isinstance(lat._factored(conv, p), LowRankConv2d) for p in pairs)
+        return lat.ConvLatencyTable(
+            backend.name, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+            conv.padding, conv.dilation, shape, "float32", torch.__version__, 10.0,
+            {p: 0.1 * p[0] + (1.0 if p[0] > 8 else 0.0) for p in pairs}, layer="LowRankConv2d",
+        )  # fmt: skip
+
+    monkeypatch.setattr(lat, "measure_tucker_conv", fake)
+    torch.manual_seed(0)
+    model = Pointwise()
+    # Break-even rank 21: ask for 16, the cliff is between 16 and 8.
+    run = Manager(parse("decompose Conv2d rank = 16 keep if faster"), model).run(measure=False)
+    assert calls == [((1, 32, 8, 8), [(16, 16), (8, 8)])]
+    (row,) = run.steps[0].plan.rows
+    assert row.detail["rank"] == 8 and row.detail["requested_rank"] == 16
+    assert row.detail["measured_on"] == "torch-cpu"
+    assert isinstance(run.model.c, LowRankConv2d) and run.model.c.rank == 8
+
+
+def test_where_speedup_times_a_1x1_conv_for_real(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from surgery.modules import LowRankConv2d
+
+    monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = Pointwise()
+    ex = Inputs(model.example_inputs, {})
+    measured = lat.tucker_speedups(
+        {"c": model.c}, analyze(model, ex), {"c": (8, 8)}, get_backend("torch", "cpu")
+    )
+    tables = list((tmp_path / "cache" / "latency").glob("conv-*.json"))
+    assert len(tables) == 1 and '"layer": "LowRankConv2d"' in tables[0].read_text()
+    low, high = measured["c"] * 0.5, measured["c"] * 2
+    run = Manager(parse(f"decompose Conv2d where speedup > {low:.4f} rank = 8"), model).run(
+        measure=False
+    )
+    assert isinstance(run.model.c, LowRankConv2d) and run.model.c.rank == 8
+    run = Manager(parse(f"decompose Conv2d where speedup > {high:.4f} rank = 8"), model).run(
+        measure=False
+    )
+    assert not run.changes
+
+
+def test_conv_table_keys_differ_by_factored_layer() -> None:
+    tucker = _table(1.0, {(8, 8): 0.5})
+    pointwise = _table(1.0, {(8, 8): 0.5})
+    pointwise.layer = "LowRankConv2d"
+    assert tucker.key() != pointwise.key()
+    assert ConvLatencyTable.from_json(pointwise.to_json()) == pointwise

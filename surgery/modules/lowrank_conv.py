@@ -74,6 +74,26 @@ class LowRankConv2d(SurgeryModule):
         )
         self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, dtype=torch_dtype)
 
+    @classmethod
+    def like(cls, conv: nn.Conv2d, rank: int) -> LowRankConv2d:
+        """A rank-``rank`` pair with the 1×1 ``conv``'s geometry, dtype and device (weights not
+        fitted: what latency tables time)."""
+        if tuple(conv.kernel_size) != (1, 1) or conv.groups != 1:
+            raise ValueError(
+                f"a low-rank pair replaces an ungrouped 1×1 convolution, not "
+                f"kernel {tuple(conv.kernel_size)} with groups={conv.groups}"
+            )
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            rank,
+            stride=pair(conv.stride),
+            padding=conv.padding if isinstance(conv.padding, str) else pair(conv.padding),
+            bias=conv.bias is not None,
+            dtype=str(conv.weight.dtype).removeprefix("torch."),
+            padding_mode=conv.padding_mode,
+        ).to(conv.weight.device)
+
     def spec(self) -> dict[str, Any]:
         return {
             "in_channels": self.in_channels,

@@ -654,9 +654,9 @@ class DecomposePass(SurgeryPass):
     def _speedups(self, model: nn.Module, context: PassContext) -> dict[str, float]:
         """``where speedup > X``: each layer of the selector's type timed alone on the
         recipe's first target (torch CPU when it names none), at the requested rank rounded
-        to the target's tile: matrix layers (Linear, Conv1D) against their low-rank pair, k×k
-        Conv2d against its Tucker-2 form (when the method is `tucker`, the default). Layers
-        that cannot be timed (1×1 and grouped convs among them) have no speedup and never
+        to the target's tile: matrix layers (Linear, Conv1D, 1×1 Conv2d) against their low-rank
+        pair, k×k Conv2d against its Tucker-2 form (when the method is `tucker`, the default).
+        Layers that cannot be timed (grouped convs among them) have no speedup and never
         match."""
         from surgery.backends import LoweringError, get_backend
         from surgery.backends.latency import layer_speedups, tucker_speedups
@@ -677,31 +677,24 @@ class DecomposePass(SurgeryPass):
         for path, info in context.analysis.modules.items():
             module = modules.get(path)
             if (
-                isinstance(module, nn.Conv2d)
-                and info.input_shapes
-                and ({info.type} | type_names(module)) & wanted
-                and self._classify(path, module)[0] == "tucker"
-                and self._method_for("tucker") == "tucker"
-            ):
-                convs[path] = module
-                pairs[path] = self._tucker_request(module)
-                continue
-            if (
                 module is None
-                or info.kernel is not None
                 or not info.input_shapes
-                or info.in_features is None
-                or info.out_features is None
                 or not ({info.type} | type_names(module)) & wanted
             ):
                 continue
-            full = min(info.in_features, info.out_features)
-            r = (
-                rank_from_fraction(info.in_features, info.out_features, rank.value.magnitude)
-                if rank.kind == "fraction"
-                else min(int(rank.value.magnitude), full)
-            )
-            requested[path] = max(1, r)
+            kind = self._classify(path, module)[0] if isinstance(module, nn.Conv2d) else None
+            if kind in ("tucker", "conv1x1"):
+                assert isinstance(module, nn.Conv2d)
+                method = self._method_for(kind)
+                if kind == "tucker" and method == "tucker":
+                    convs[path], pairs[path] = module, self._tucker_request(module)
+                elif kind == "conv1x1" and method != "tucker":
+                    r = self._speedup_rank(module.in_channels, module.out_channels)
+                    convs[path], pairs[path] = module, (r, r)
+                continue
+            if info.kernel is not None or info.in_features is None or info.out_features is None:
+                continue
+            requested[path] = self._speedup_rank(info.in_features, info.out_features)
         targets = context.options.get("targets") or [("torch", "cpu", None)]
         backend = get_backend(*targets[0])
         try:
@@ -714,6 +707,14 @@ class DecomposePass(SurgeryPass):
                 f"`where speedup` cannot time layers on {backend.name}: {exc}", stmt.selector
             ) from exc
 
+    def _speedup_rank(self, in_f: int, out_f: int) -> int:
+        """The rank `where speedup` times a matrix layer at: the fraction or absolute rank."""
+        rank = self.statement.rank
+        assert rank is not None and rank.kind != "energy"
+        if rank.kind == "fraction":
+            return max(1, rank_from_fraction(in_f, out_f, rank.value.magnitude))
+        return max(1, min(int(rank.value.magnitude), in_f, out_f))
+
     def _faster_rank(
         self, model: nn.Module, cand: _Candidate, requested: int
     ) -> tuple[int | None, str]:
@@ -723,10 +724,18 @@ class DecomposePass(SurgeryPass):
         Each layer shape is timed alone at its real input shape; the tables are cached on
         disk, and the choice is a pure function of the table (`surgery.backends.latency`).
         """
-        from surgery.backends.latency import keep_if_faster_ranks
+        from surgery.backends.latency import keep_if_faster_ranks, keep_if_faster_tucker_ranks
 
         assert self.context is not None
         analysis = self.context.analysis
+        if cand.kind == "conv1x1":  # timed as the two 1×1 convs it becomes, at (rank, rank)
+            pair, where = self._time_on_first_target(
+                cand,
+                lambda backend: keep_if_faster_tucker_ranks(
+                    {cand.path: cand.module}, analysis, {cand.path: (requested, requested)}, backend
+                ),
+            )
+            return (None if pair is None else pair[0]), where
         return self._time_on_first_target(
             cand,
             lambda backend: keep_if_faster_ranks(
