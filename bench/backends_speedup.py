@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any
@@ -109,25 +110,30 @@ MATRIX_OPS = frozenset(
 )
 
 
-def eager_split(model: nn.Module, inputs: Inputs, repeats: int = 3) -> tuple[float, float]:
-    """(matrix ms, other ms) per eager CPU forward: the profiler's self CPU time of the matrix
-    ops (:data:`MATRIX_OPS`) and of all other ops."""
+def eager_split(model: nn.Module, inputs: Inputs, repeats: int = 5) -> tuple[float, float]:
+    """(matrix ms, other ms) of one eager CPU forward: the profiler's self CPU time of the
+    matrix ops (:data:`MATRIX_OPS`) and of all other ops, each the median over ``repeats``
+    separately profiled forwards (one slow forward does not skew it)."""
     from torch.profiler import ProfilerActivity, profile
 
+    matrix: list[float] = []
+    other: list[float] = []
     with torch.no_grad():
         for _ in range(2):
             inputs.call(model)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(repeats):
+        for _ in range(repeats):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 inputs.call(model)
-    matrix = other = 0.0
-    for event in prof.key_averages():
-        ms = event.self_cpu_time_total / 1000 / repeats
-        if event.key in MATRIX_OPS:
-            matrix += ms
-        else:
-            other += ms
-    return matrix, other
+            m = o = 0.0
+            for event in prof.key_averages():
+                ms = event.self_cpu_time_total / 1000
+                if event.key in MATRIX_OPS:
+                    m += ms
+                else:
+                    o += ms
+            matrix.append(m)
+            other.append(o)
+    return statistics.median(matrix), statistics.median(other)
 
 
 def one_model(name: str, backends: list[str], args: argparse.Namespace) -> dict[str, Any]:
