@@ -43,7 +43,7 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from surgery.facts import Analysis
+from surgery.facts import Analysis, ModuleInfo
 from surgery.inputs import Inputs
 from surgery.lowrank import pick_rank_below_cliff
 from surgery.modules.lowrank_conv import pair
@@ -364,12 +364,25 @@ def latency_table(
     return table
 
 
-def _linear_facts(
-    model: nn.Module, analysis: Analysis, path: str
-) -> tuple[int, int, tuple[int, ...], torch.dtype, bool]:
+def _require_available(backend: Backend) -> None:
+    """``LoweringError`` when ``backend`` cannot run here (nothing can be timed on it)."""
+    available, why = backend.is_available()
+    if not available:
+        raise LoweringError(f"cannot time layers on {backend.name}: {why}")
+
+
+def _module_info(analysis: Analysis, path: str) -> ModuleInfo:
+    """The analysis record of the layer at ``path`` (``ValueError`` if it has none)."""
     info = analysis.modules.get(path)
     if info is None:
         raise ValueError(f"`{path}` is not a module of the analysed model")
+    return info
+
+
+def _linear_facts(
+    model: nn.Module, analysis: Analysis, path: str
+) -> tuple[int, int, tuple[int, ...], torch.dtype, bool]:
+    info = _module_info(analysis, path)
     if info.in_features is None or info.out_features is None or info.kernel is not None:
         raise ValueError(f"`{path}` ({info.type}) is not a Linear-like layer")
     if not info.input_shapes:
@@ -392,9 +405,7 @@ def _tables(
     repeats: int,
     directory: Path | None,
 ) -> dict[str, LatencyTable]:
-    available, why = backend.is_available()
-    if not available:
-        raise LoweringError(f"cannot time layers on {backend.name}: {why}")
+    _require_available(backend)
     # Layers of one shape (q/k/v/o of every block) share one measurement.
     by_shape: dict[tuple[Any, ...], list[str]] = {}
     for path in paths:
@@ -828,14 +839,10 @@ def _conv_tables(
     directory: Path | None,
 ) -> dict[str, ConvLatencyTable]:
     """Each conv's latency table (cached) covering the candidate pairs of its requested pair."""
-    available, why = backend.is_available()
-    if not available:
-        raise LoweringError(f"cannot time layers on {backend.name}: {why}")
+    _require_available(backend)
     tables: dict[str, ConvLatencyTable] = {}
     for path, conv in convs.items():
-        info = analysis.modules.get(path)
-        if info is None:
-            raise ValueError(f"`{path}` is not a module of the analysed model")
+        info = _module_info(analysis, path)
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
             raise ValueError(f"`{path}` ({type(conv).__name__}) is not an ungrouped Conv2d")
         if not info.input_shapes:

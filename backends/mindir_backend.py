@@ -642,9 +642,8 @@ def _clamp(g: _Codegen, n: Node) -> str:
     return f"ops.clamp({g.r(_a(n)[0])}, {g.r(low)}, {g.r(high)})"
 
 
-@_rule("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar")
-def _where(g: _Codegen, n: Node) -> str:
-    cond, a, b = _a(n)[:3]
+def _where_of(g: _Codegen, n: Node, cond: Any, a: Any, b: Any) -> str:
+    """``a`` where ``cond`` else ``b``, each (tensor or scalar) in the node's dtype."""
     dtype = g.dtype(n)
     assert dtype is not None
     return (
@@ -653,15 +652,16 @@ def _where(g: _Codegen, n: Node) -> str:
     )
 
 
+@_rule("aten.where.self", "aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.Scalar")
+def _where(g: _Codegen, n: Node) -> str:
+    cond, a, b = _a(n)[:3]
+    return _where_of(g, n, cond, a, b)
+
+
 @_rule("aten.masked_fill.Scalar", "aten.masked_fill.Tensor")
 def _masked_fill(g: _Codegen, n: Node) -> str:
     x, mask, value = _a(n)[:3]
-    dtype = g.dtype(n)
-    assert dtype is not None
-    return (
-        f"ops.where({g.cast_to(mask, torch.bool)}, "
-        f"{g.scalar_tensor(value, dtype)}, {g.cast_to(x, dtype)})"
-    )
+    return _where_of(g, n, mask, value, x)
 
 
 @_rule("aten.tril.default", "aten.triu.default")

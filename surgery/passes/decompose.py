@@ -724,18 +724,13 @@ class DecomposePass(SurgeryPass):
         Each layer shape is timed alone at its real input shape; the tables are cached on
         disk, and the choice is a pure function of the table (`surgery.backends.latency`).
         """
-        from surgery.backends.latency import keep_if_faster_ranks, keep_if_faster_tucker_ranks
+        from surgery.backends.latency import keep_if_faster_ranks
 
+        if cand.kind == "conv1x1":  # timed as the two 1×1 convs it becomes, at (rank, rank)
+            pair, where = self._faster_conv_ranks(cand, (requested, requested))
+            return (None if pair is None else pair[0]), where
         assert self.context is not None
         analysis = self.context.analysis
-        if cand.kind == "conv1x1":  # timed as the two 1×1 convs it becomes, at (rank, rank)
-            pair, where = self._time_on_first_target(
-                cand,
-                lambda backend: keep_if_faster_tucker_ranks(
-                    {cand.path: cand.module}, analysis, {cand.path: (requested, requested)}, backend
-                ),
-            )
-            return (None if pair is None else pair[0]), where
         return self._time_on_first_target(
             cand,
             lambda backend: keep_if_faster_ranks(
@@ -901,15 +896,16 @@ class DecomposePass(SurgeryPass):
         dense = old_rank * (in_f + out_f) if old_rank else in_f * out_f
         row.flops_after = row.flops_before * rank * (in_f + out_f) // dense
 
-    def _faster_tucker_ranks(
+    def _faster_conv_ranks(
         self, cand: _Candidate, requested: tuple[int, int]
     ) -> tuple[tuple[int, int] | None, str]:
-        """``keep if faster`` for a Tucker conv: the ``(r_out, r_in)`` just below the latency
-        cliff on the recipe's first target (torch CPU when it names none), both ranks scaled
+        """``keep if faster`` for a conv: the ``(r_out, r_in)`` just below the latency cliff
+        on the recipe's first target (torch CPU when it names none), both ranks scaled
         together in tile steps of the larger one; None when no pair beats the dense conv.
 
-        The conv and its TuckerConv2d are timed alone at the conv's real input shape; tables
-        are cached on disk and the choice is a pure function of the table
+        The conv and its factored form (TuckerConv2d for k×k, the LowRankConv2d pair at
+        ``(rank, rank)`` for 1×1) are timed alone at the conv's real input shape; tables are
+        cached on disk and the choice is a pure function of the table
         (`surgery.backends.latency.choose_tucker_ranks`)."""
         from surgery.backends.latency import keep_if_faster_tucker_ranks
 
@@ -966,7 +962,7 @@ class DecomposePass(SurgeryPass):
             return
         if stmt.keep_if_faster is not None:
             # Pairs at or below the requested one in both ranks: they save at least as much.
-            chosen, where = self._faster_tucker_ranks(cand, (r_out, r_in))
+            chosen, where = self._faster_conv_ranks(cand, (r_out, r_in))
             row.detail["measured_on"] = where
             if chosen is None:
                 row.action = "skip"
@@ -1085,8 +1081,7 @@ class DecomposePass(SurgeryPass):
             return super().run(model)
         self._streamed = {}
         try:
-            plan = self.plan(model)
-            return plan, self.apply(model, plan)
+            return super().run(model)
         finally:
             self._streamed = None
 
