@@ -169,6 +169,33 @@ def test_convolution_batch_norm_pooling(backend: MindirBackend, tmp_path: Path) 
     _lowered_close(backend, model, torch.randn(2, 4, 16, 16), tmp_path=tmp_path, tol=1e-4)
 
 
+def test_kxk_convolutions_run_as_im2col_on_cpu(backend: MindirBackend, tmp_path: Path) -> None:
+    """MindSpore's CPU k×k conv kernel is ~100× slower than its ``Im2Col`` + 1×1 conv: on
+    ``cpu`` every conv but a plain ungrouped 1×1 one takes that exact form (a batched matmul
+    when grouped), whatever its stride, dilation, padding or kernel shape; on Ascend every
+    conv stays one conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 16, stride=16),  # a ViT patch embedding
+        nn.Conv2d(6, 5, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2)),
+        nn.Conv2d(5, 4, 1),
+        nn.Conv2d(4, 4, 1, stride=2),  # a ResNet shortcut: slow as a strided 1×1 Conv2D
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),  # depthwise
+        nn.Conv2d(6, 6, 1, groups=3),
+    ).eval()
+    x = torch.randn(2, 3, 64, 48)
+    _lowered_close(backend, model, x, tmp_path=tmp_path, tol=1e-4)
+    program = torch.export.export(model, (x,))
+    cpu, _ = generate_cell_source(program)
+    ascend, _ = generate_cell_source(program, device="ascend")
+    assert cpu.count("ops.Im2Col(") == 6 and cpu.count("ops.conv2d(") == 4
+    assert "ops.Im2Col(ksizes=(16, 16), strides=(16, 16)" in cpu
+    assert "ops.Im2Col(" not in ascend and ascend.count("ops.conv2d(") == 7
+    conv1d = nn.Conv1d(4, 6, 5, stride=2, padding=3, dilation=2, groups=2).eval()
+    _lowered_close(backend, conv1d, torch.randn(2, 4, 21), tmp_path=tmp_path / "1d", tol=1e-5)
+
+
 class _Residual(nn.Module):
     """A ResNet block's in-place ops: ``ReLU(inplace=True)`` and ``out += identity``."""
 
