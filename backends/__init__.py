@@ -39,6 +39,7 @@ from .base import (
     FlatSignature,
     Lowered,
     LoweringError,
+    first_line,
 )
 from .verify import Verification, relative_error, verify
 
@@ -140,6 +141,9 @@ def run_targets(
 ) -> list[Verification]:
     """Verify ``run.model`` against ``run.original`` on each target, in order.
 
+    A ``mindir`` target also gets an Ascend roofline estimate (``Verification.estimate``,
+    :mod:`surgery.backends.ascend_estimate`), since no Ascend device can be timed here.
+
     ``targets`` are ``(backend, device or None, trials or None)`` from the recipe's
     ``target`` statements (or the CLI). The timing inputs are the manager's:
     ``run.calibration[0]`` (else ``run.example``). Artifacts of the surgered model land in
@@ -162,19 +166,28 @@ def run_targets(
                 Verification(f"{backend_name}-{device}", "unavailable", tolerance, reason=str(exc))
             )
             continue
-        results.append(
-            verify(
-                run.original,
-                run.model,
-                backend,
-                inputs,
-                tolerance=tolerance,
-                warmup=warmup,
-                repeats=repeats,
-                workdir=Path(workdir) / backend.name,
-                progress=progress,
-            )
+        result = verify(
+            run.original,
+            run.model,
+            backend,
+            inputs,
+            tolerance=tolerance,
+            warmup=warmup,
+            repeats=repeats,
+            workdir=Path(workdir) / backend.name,
+            progress=progress,
         )
+        if backend_name == "mindir":  # MindIR is the Ascend path: estimate what no one timed
+            from .ascend_estimate import estimate_speedup
+
+            if progress is not None:
+                progress(f"{backend.name}: estimating Ascend latency", 0, 1)
+            try:
+                result.estimate = estimate_speedup(run.original, run.model, inputs)
+            except Exception as exc:  # an estimate is extra: its failure must not end the run
+                if progress is not None:
+                    progress(f"{backend.name}: no Ascend estimate ({first_line(exc)})", 0, 1)
+        results.append(result)
     return results
 
 

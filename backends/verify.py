@@ -81,6 +81,9 @@ class Verification:
     speed: Speedup | None = None  # lowered original (A) vs lowered surgered (B)
     artifacts: list[Path] = field(default_factory=list)
     lower_seconds: float = 0.0  # lowering both models (tuning and compilation included)
+    # For a target whose device cannot run here (Ascend behind `mindir`): an estimate,
+    # labelled as one wherever it is shown (`ascend_estimate.SpeedupEstimate`).
+    estimate: Any = None
 
     @property
     def ok(self) -> bool:
@@ -127,6 +130,7 @@ class Verification:
             "speed": self.speed.as_dict() if self.speed is not None else None,
             "artifacts": [str(p) for p in self.artifacts],
             "lower_seconds": self.lower_seconds,
+            "estimate": self.estimate.as_dict() if self.estimate is not None else None,
         }
 
 

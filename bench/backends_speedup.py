@@ -17,6 +17,11 @@ would reach if its matrix ops sped up by exactly the FLOP-ideal ratio while the 
 time it measured — an upper bound for that backend. Where it is below 0.85, so is any
 realized efficiency.
 
+Each model also gets ``ascend_910_estimate``: no Ascend device is here, so it is a roofline
+estimate from Ascend 910's published peaks (:mod:`surgery.backends.ascend_estimate`: GEMMs
+padded to the cube's 16-wide tiles, every other op memory-bound and unfused), not a
+measurement.
+
 Shapes: text batch 8 × 128 tokens; vision batch 2 × 224² (batch 8 ViT-B is ~3 s per forward
 on 2 cores, too slow to time repeatedly within the budget).
 
@@ -48,6 +53,7 @@ import torch
 from torch import nn
 
 from surgery.backends import get_backend, verify
+from surgery.backends.ascend_estimate import estimate_speedup
 from surgery.graph import analyze
 from surgery.inputs import Inputs, example_inputs
 from surgery.manager import Manager
@@ -136,6 +142,15 @@ def eager_split(model: nn.Module, inputs: Inputs, repeats: int = 5) -> tuple[flo
     return statistics.median(matrix), statistics.median(other)
 
 
+def _rounded(d: dict[str, Any]) -> dict[str, Any]:
+    def r(v: Any) -> Any:
+        if isinstance(v, float):
+            return round(v, 4)
+        return [r(x) for x in v] if isinstance(v, list) else v
+
+    return {k: r(v) for k, v in d.items()}
+
+
 def one_model(name: str, backends: list[str], args: argparse.Namespace) -> dict[str, Any]:
     model = build(name)
     started = time.perf_counter()
@@ -152,6 +167,10 @@ def one_model(name: str, backends: list[str], args: argparse.Namespace) -> dict[
         "flops": [flops_before, flops_after],
         "flop_ideal_speedup": round(ideal, 3),
         "surgery_seconds": round(surgery_s, 1),
+        # Not a measurement: a roofline from Ascend 910's published peaks (ascend_estimate).
+        "ascend_910_estimate": _rounded(
+            estimate_speedup(run.original, run.model, inputs).as_dict()
+        ),
         "backends": {},
     }
     for backend_name in backends:

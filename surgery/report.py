@@ -122,6 +122,8 @@ def _target_line(verification: Any, run: Run) -> str:
     if verification.ok and speed is not None and run.flop_speedup:
         realized = speed.speedup / run.flop_speedup
         text += f" — FLOP-ideal {run.flop_speedup:.2f}× (predicted), {realized:.0%} realized"
+    if verification.estimate is not None:
+        text += f"; {verification.estimate}"
     return text
 
 
@@ -205,7 +207,15 @@ def report_markdown(run: Run, *, recipe: str, model: str, recipe_source: str) ->
         out += [f"- {_target_line(v, run)}" for v in run.verifications]
         out += [
             "",
-            "Ascend (MindIR) timings cannot be measured on this machine and are not estimated.",
+            "Ascend (MindIR) timings cannot be measured on this machine. "
+            + (
+                "The Ascend figure beside a `mindir` target is a roofline estimate from the "
+                "device's published peak compute and memory bandwidth (GEMMs padded to the "
+                "cube's 16-wide tiles; no operator fusion, no launch overhead), not a "
+                "measurement."
+                if any(v.estimate is not None for v in run.verifications)
+                else "No Ascend estimate was made."
+            ),
             "",
         ]
     if run.speed is not None:

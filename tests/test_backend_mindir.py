@@ -24,6 +24,7 @@ from surgery.backends.mindir_backend import MindirBackend, generate_cell_source,
 from surgery.check import check
 from surgery.inputs import Inputs
 from surgery.manager import Manager, Run
+from surgery.report import report_markdown
 from tests.helpers_models import tiny_bert, tiny_gpt2, tiny_vit
 
 
@@ -496,6 +497,26 @@ def test_mindir_file_reloads_on_its_own(backend: MindirBackend, tmp_path: Path) 
     torch.testing.assert_close(torch.from_numpy(out.asnumpy()), model(x), rtol=1e-6, atol=1e-6)
     # Lowering again into the same directory replaces the (read-only) file.
     backend.lower(model, Inputs((x,), {}), tmp_path)
+
+
+def test_mindir_target_reports_a_labelled_ascend_estimate(
+    backend: MindirBackend, tmp_path: Path
+) -> None:
+    """`target mindir` times MindSpore's CPU runtime and, beside it, estimates Ascend; the
+    report never lets the estimate read as a measurement."""
+    recipe = "decompose Linear rank = 0.5\ntarget mindir"
+    run = Manager(surgery.parse(recipe), tiny_bert()).run(
+        warmup=1, repeats=3, workdir=tmp_path / "lowered"
+    )
+    (v,) = run.verifications
+    assert v.ok and v.speed is not None and v.speed.device == "mindir-cpu"
+    assert v.estimate is not None and v.estimate.spec.name == "Ascend 910"
+    assert v.as_dict()["estimate"]["kind"] == "estimate (roofline), not a measurement"
+    text = report_markdown(run, recipe="r.surg", model="tiny-bert", recipe_source=recipe)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("- mindir-cpu")]
+    assert "on mindir-cpu" in line and "Ascend 910 estimate" in line
+    assert line.endswith("not a measurement)")
+    assert "roofline estimate from the device's published peak" in text
 
 
 def test_ascend_is_never_measured_here() -> None:
