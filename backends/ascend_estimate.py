@@ -44,6 +44,8 @@ from torch.utils._pytree import tree_flatten
 
 from surgery.inputs import Inputs
 
+from .base import eval_mode
+
 __all__ = [
     "ASCEND_910",
     "DeviceSpec",
@@ -149,16 +151,14 @@ def _matrix_flops(name: str, args: Sequence[Any], out: Any, tile: int) -> int | 
         bsz, m, k = a.shape
         return _gemm(m, k, b.shape[2], tile, bsz)
     if name == "convolution":
-        x, w, groups = args[0], args[1], int(args[8])
-        if args[6]:  # transposed: the GEMM of the matching forward conv, input ↔ output
-            x, out = out, x
-        rows = out.shape[0] * math.prod(out.shape[2:])
-        if args[6]:
-            per_group_in, per_group_out = w.shape[0] // groups, w.shape[1]
-        else:
-            per_group_out, per_group_in = w.shape[0] // groups, w.shape[1]
-        k = per_group_in * math.prod(w.shape[2:])
-        return _gemm(rows, k, per_group_out, tile, groups)
+        w, transposed, groups = args[1], args[6], int(args[8])
+        # A transposed conv is the GEMM of its matching forward conv: input ↔ output.
+        grid = args[0] if transposed else out  # the positions the GEMM's rows run over
+        rows = grid.shape[0] * math.prod(grid.shape[2:])
+        g_in, g_out = (
+            (w.shape[0] // groups, w.shape[1]) if transposed else (w.shape[1], w.shape[0] // groups)
+        )
+        return _gemm(rows, g_in * math.prod(w.shape[2:]), g_out, tile, groups)
     if name.startswith("_scaled_dot_product") or name == "scaled_dot_product_attention":
         q, key, v = args[0], args[1], args[2]
         batch = math.prod(q.shape[:-2])
@@ -212,14 +212,9 @@ def estimate(model: nn.Module, inputs: Inputs, spec: DeviceSpec = ASCEND_910) ->
 
     The model runs once in eval mode and without gradients; its training flag is restored.
     """
-    was_training = model.training
-    model.eval()
     mode = _Roofline(spec)
-    try:
-        with torch.no_grad(), mode:
-            inputs.call(model)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), mode:
+        inputs.call(model)
     return Estimate(
         device=spec.name,
         matrix_ms=mode.matrix_s * 1e3,

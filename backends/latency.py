@@ -511,8 +511,8 @@ class ConvLatencyTable:
     """Median seconds of one Conv2d on one target: dense, and factored per rank pair.
 
     ``ranks`` maps ``(r_out, r_in)`` to seconds: Tucker-2 for a ``k×k`` conv, the low-rank
-    pair at ``(rank, rank)`` for a ``1×1`` one (``layer`` says which). Its cache key starts with ``conv-``, so it
-    never shares a file with a :class:`LatencyTable`.
+    pair at ``(rank, rank)`` for a ``1×1`` one (``layer`` says which). Its cache key starts
+    with ``conv-``, so it never shares a file with a :class:`LatencyTable`.
     """
 
     backend: str

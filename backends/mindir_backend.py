@@ -837,11 +837,11 @@ def _conv(g: _Codegen, n: Node) -> str:
             y = _conv2d_as_im2col(
                 g, x2, w, b, (1, stride[0]), (0, pads[0]), (1, dilation[0]), groups
             )
-            return f"ops.squeeze({y}, 2)"
-        y = (
-            f"ops.conv2d({x2}, {w2}, {g.r(b)}, {g.r((1, stride[0]))}, 'pad', "
-            f"{g.r((0, pads[0]))}, {g.r((1, dilation[0]))}, {groups})"
-        )
+        else:
+            y = (
+                f"ops.conv2d({x2}, {w2}, {g.r(b)}, {g.r((1, stride[0]))}, 'pad', "
+                f"{g.r((0, pads[0]))}, {g.r((1, dilation[0]))}, {groups})"
+            )
         return f"ops.squeeze({y}, 2)"
     if k not in (2, 3):
         raise g.error(f"{k}-d convolution is not mapped")
