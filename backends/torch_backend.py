@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,23 @@ class TorchLowered(Lowered):
         return once
 
 
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` rebound to a copy of its function with a code object of its own.
+
+    Dynamo keeps compiled programs per code object, at most ``recompile_limit`` (8) of them:
+    every model lowered through :meth:`FlatModel.forward` would share one cache, and from
+    the ninth model on (a bench over several models; the latency table of ``keep if
+    faster``, which lowers every candidate layer) Dynamo silently runs the model eagerly
+    instead of compiling it. With its own code object each lowering is one cache entry.
+    """
+    bound = method.__self__  # type: ignore[attr-defined]
+    fn = method.__func__  # type: ignore[attr-defined]
+    copied = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    return types.MethodType(copied, bound)
+
+
 class TorchBackend:
     """``TorchBackend("cpu")`` eager; ``TorchBackend("cuda", compiled=True)`` inductor on CUDA.
 
@@ -99,6 +117,7 @@ class TorchBackend:
         flat = FlatModel(copy.deepcopy(model), signature).eval().to(device)
         fn: Callable[..., Any] = flat
         if self.compiled:
+            flat.forward = _own_code(flat.forward)  # type: ignore[method-assign]
             # Compile now, on the example inputs, so the cold compile is lowering time and
             # never lands in the timed loop (warm-up alone may not cover recompiles).
             fn = torch.compile(flat, backend="inductor", dynamic=False)

@@ -29,6 +29,9 @@ TVM needs MetaSchedule tuning per workload (original and surgered differ), minut
 on 2 cores, so it runs only when asked: ``--backends torch-cpu,onnx-cpu,tvm-llvm
 --tvm-trials 8``; the tuning database is cached (``~/.cache/surgery/tvm``).
 
+``torch-inductor`` (``torch.compile`` on CPU; the cold compile is lowering time, not timed)
+fuses the elementwise work that caps eager torch, ``--backends torch-cpu,torch-inductor``.
+
 MindSpore's CPU runtime is asked for the same way, ``--backends torch-cpu,mindir-cpu``
 (needs ``pip install mindspore==2.10.0``): each model is rebuilt as a MindSpore cell,
 exported to MINDIR, reloaded and timed as a ``GraphCell``.
@@ -215,7 +218,7 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         default="torch-cpu,onnx-cpu",
-        help="comma-separated: torch-cpu, onnx-cpu, tvm-llvm, mindir-cpu",
+        help="comma-separated: torch-cpu, torch-inductor, onnx-cpu, tvm-llvm, mindir-cpu",
     )
     parser.add_argument("--tvm-trials", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)

@@ -124,6 +124,22 @@ def test_torch_inductor_numerics(bert_run: Run, tmp_path: Path) -> None:
     _check_numerics(bert_run, _require("torch", "inductor"), tmp_path)
 
 
+@pytest.mark.slow
+def test_torch_inductor_compiles_every_lowering_in_a_process(tmp_path: Path) -> None:
+    # Dynamo caches at most 8 programs per code object; past that it silently runs eagerly.
+    # A bench over several models, or the latency table of `keep if faster` (one lowering
+    # per candidate layer), lowers more than 8 distinct models in one process.
+    import torch._dynamo.config as dynamo_config
+
+    backend = _require("torch", "inductor")
+    ins = Inputs((torch.randn(4, 8),), {})
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True):  # eager fallback raises
+        for width in range(1, 11):  # ten shapes: ten distinct programs
+            model = nn.Sequential(nn.Linear(8, width), nn.GELU()).eval()
+            low = backend.lower(model, ins, tmp_path)  # type: ignore[attr-defined]
+            torch.testing.assert_close(low(ins)[0], model(ins.args[0]))
+
+
 @pytest.mark.parametrize("target", [("torch", "cuda"), ("onnx", "cuda"), ("tvm", "cuda")])
 def test_cuda_numerics(target: tuple[str, str], bert_run: Run, tmp_path: Path) -> None:
     _check_numerics(bert_run, _require(*target, 0), tmp_path)
