@@ -38,6 +38,7 @@ from torch import nn
 from surgery.inputs import Inputs, flatten_outputs
 from surgery.timing import Speedup, measure_speedup_fn
 
+from .ascend_estimate import SpeedupEstimate
 from .base import Backend, LoweringError, first_line
 
 __all__ = ["Verification", "relative_error", "verify"]
@@ -82,8 +83,8 @@ class Verification:
     artifacts: list[Path] = field(default_factory=list)
     lower_seconds: float = 0.0  # lowering both models (tuning and compilation included)
     # For a target whose device cannot run here (Ascend behind `mindir`): an estimate,
-    # labelled as one wherever it is shown (`ascend_estimate.SpeedupEstimate`).
-    estimate: Any = None
+    # labelled as one wherever it is shown.
+    estimate: SpeedupEstimate | None = None
 
     @property
     def ok(self) -> bool:
