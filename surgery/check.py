@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from surgery import ast
-from surgery.diagnostics import Diagnostic, nearest
+from surgery.diagnostics import Diagnostic, clip, collector_paused, nearest
 
-__all__ = ["BACKENDS", "LANGUAGE", "Support", "check", "support"]
+__all__ = ["BACKENDS", "COUNT_LIMITS", "LANGUAGE", "Support", "check", "support"]
 
 # What the language allows where a NAME stands (the grammar accepts any name there).
 BACKENDS: dict[str, tuple[str, ...]] = {
@@ -39,6 +39,20 @@ LANGUAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "truncate": {"strategy": ("uniform", "pseudo-uniform")},
     "freeze": {"what": ("first-factor", "core", "alternate")},
     "heal": {"by": ("importance",)},
+}
+
+# The largest value of each count that costs memory or time per unit at run time. Without a
+# bound a typo (an extra zero, or six) passes `check` and then fails after the model is loaded:
+# out of memory, or hours later. Each limit is far above what a real recipe uses; the help of
+# the diagnostic states it and why. Counts bounded at run time by the model itself (blocks to
+# drop or keep, heads to group, an absolute rank, which is capped at the full rank) are not here.
+COUNT_LIMITS: dict[str, tuple[int, str]] = {
+    "trials": (100_000, "tuning trials per task; a few thousand tune a model well"),
+    "samples": (100_000, "every calibration sample is held in memory"),
+    "batch": (4_096, "a batch runs through the model at once; use more samples instead"),
+    "progressive": (64, "each step is a copy of the model, kept and saved as `OUT/step-k`"),
+    "heal steps": (1_000_000, "each step trains on a calibration batch and is logged"),
+    "basis": (65_536, "each layer gets a dense basis of this many vectors"),
 }
 
 
@@ -110,7 +124,7 @@ class _Checker:
         context = f" for `{where}`" if where else ""
         self.error(
             "S0201",
-            f"unknown {what} `{node.value}`{context}",
+            f"unknown {what} `{clip(node.value)}`{context}",
             node,
             f"did you mean `{guess}`?" if guess else f"expected one of {listed}",
         )
@@ -129,6 +143,18 @@ class _Checker:
         if node is not None and node.value <= 0:
             self.error(
                 "S0203", f"{what} must be a positive integer, found {node.value}", node, help
+            )
+
+    def count(self, node: ast.Int | None, what: str, limit: str) -> None:
+        """A positive count of at most ``COUNT_LIMITS[limit]``."""
+        self.positive(node, what)
+        most, why = COUNT_LIMITS[limit]
+        if node is not None and node.value > most:
+            self.error(
+                "S0203",
+                f"{what} must be at most {most:,}, found {node.value:,}",
+                node,
+                f"the limit is {most:,}: {why}",
             )
 
     def fraction(
@@ -245,7 +271,7 @@ class _Checker:
         if isinstance(s, ast.Target):
             if self.name_in(s.backend, BACKENDS, "backend") and s.device is not None:
                 self.name_in(s.device, BACKENDS[s.backend.value], "device", s.backend.value)
-            self.positive(s.trials, "`trials`")
+            self.count(s.trials, "`trials`", "trials")
             if self.implemented(verb, s):
                 self.option_implemented(
                     verb, "backend", s.backend, s.backend.value, f"target {s.backend.value}"
@@ -258,8 +284,8 @@ class _Checker:
         if isinstance(s, ast.Calibrate):
             if not s.source.value:
                 self.error("S0203", "empty calibration file name", s.source)
-            self.positive(s.samples, "`samples`")
-            self.positive(s.batch, "`batch`")
+            self.count(s.samples, "`samples`", "samples")
+            self.count(s.batch, "`batch`", "batch")
             if self.implemented(verb, s):
                 self.option_implemented(verb, "samples", s.samples)
                 self.option_implemented(verb, "batch", s.batch)
@@ -275,7 +301,7 @@ class _Checker:
                 self.rank(s.rank)
             self.name_in(s.method, language["method"], "decomposition method")
             self.positive(s.round, "`round`")
-            self.positive(s.progressive, "`progressive` steps")
+            self.count(s.progressive, "`progressive` steps", "progressive")
             if s.budget is not None:
                 self.fraction(s.budget.value, "a budget")
                 self.name_in(s.budget.by, LANGUAGE[verb]["budget by"], "budget weighing", verb)
@@ -363,7 +389,7 @@ class _Checker:
         elif isinstance(s, ast.Factorize):
             self.selector(verb, s.selector)
             self.name_in(s.method, language["method"], "factorization")
-            self.positive(s.basis, "`basis`")
+            self.count(s.basis, "`basis`", "basis")
             self.positive(s.nonzeros, "`nonzeros`")
             if s.nonzeros.value > s.basis.value > 0:
                 self.error(
@@ -406,7 +432,7 @@ class _Checker:
                     verb, "what", s.what, s.what.value, f"freeze {s.what.value}"
                 )
         elif isinstance(s, ast.Heal):
-            self.positive(s.steps, "`steps`")
+            self.count(s.steps, "`steps`", "heal steps")
             if s.lr is not None and s.lr.magnitude <= 0:
                 self.error("S0203", "learning rate must be positive", s.lr)
             self.fraction(s.subset, "`subset`")
@@ -474,9 +500,12 @@ class _Checker:
     def recipe(self, recipe: ast.Recipe) -> None:
         seen_calibrate: ast.Calibrate | None = None
         targets = {"torch"}
-        for s in recipe.statements:
+        last_heal = -1  # index of the last `heal` (found once: asking per statement is O(n²))
+        for index, s in enumerate(recipe.statements):
             if isinstance(s, ast.Target):
                 targets.add(s.backend.value)
+            elif isinstance(s, ast.Heal):
+                last_heal = index
         for index, s in enumerate(recipe.statements):
             self.statement(s)
             if isinstance(s, ast.Calibrate):
@@ -489,8 +518,7 @@ class _Checker:
                     )
                 seen_calibrate = s
             if isinstance(s, ast.Freeze | ast.Regularize):
-                later_heal = any(isinstance(t, ast.Heal) for t in recipe.statements[index + 1 :])
-                if not later_heal:
+                if last_heal < index:
                     self.error(
                         "S0206",
                         f"`{s.verb}` has no effect without a later `heal`",
@@ -514,5 +542,6 @@ class _Checker:
 def check(recipe: ast.Recipe, table: Support | None = None) -> list[Diagnostic]:
     """All problems of ``recipe`` (sorted by position); empty when it is valid."""
     checker = _Checker(table or support())
-    checker.recipe(recipe)
-    return sorted(checker.diags, key=Diagnostic.sort_key)
+    with collector_paused():
+        checker.recipe(recipe)
+        return sorted(checker.diags, key=Diagnostic.sort_key)

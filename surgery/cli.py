@@ -8,13 +8,16 @@ trace); 2 user error (bad recipe, bad arguments, bad model or inputs); 3 a contr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -83,16 +86,18 @@ class Console:
 
 
 def _read_recipe(path: str) -> str:
-    from surgery.diagnostics import Diagnostic
+    """The recipe's text: UTF-8 with a leading byte-order mark dropped; a file that is not
+    UTF-8 is an error located at its first bad byte (rendered with that byte escaped)."""
+    from surgery.diagnostics import Diagnostic, SourceDecodeError, decode_source
 
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return decode_source(Path(path).read_bytes(), path)
+    except SourceDecodeError as exc:
+        raise UserError(exc.diagnostics, exc.source, path) from None
     except FileNotFoundError:
         message = f"recipe file `{path}` does not exist"
     except IsADirectoryError:
         message = f"`{path}` is a directory, not a recipe file"
-    except UnicodeDecodeError:
-        message = f"recipe file `{path}` is not UTF-8 text"
     except OSError as exc:
         message = f"cannot read recipe file `{path}`: {exc.strerror}"
     raise UserError([Diagnostic(code="S0001", message=message)], None, path)
@@ -135,34 +140,76 @@ def _model_error(exc: Exception, code: str, filename: str) -> UserError:
     )
 
 
+@contextlib.contextmanager
+def _importable_cwd(enabled: bool) -> Iterator[None]:
+    """Let an explicit ``--arch module:factory`` name a module of the current directory.
+
+    The directory goes *last* on ``sys.path`` and only for that import, so a file there can
+    never shadow an installed package (a planted ``transformers.py``); without ``--arch`` no
+    code is imported from it at all.
+    """
+    cwd = os.getcwd()
+    if not enabled or cwd in sys.path:
+        yield
+        return
+    sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
+
+
 def _load(args: argparse.Namespace) -> Any:
     from surgery.load import ModelLoadError, load_model
 
     try:
-        return load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+        with _importable_cwd(args.arch is not None):
+            return load_model(
+                args.model,
+                arch=args.arch,
+                trust_pickle=args.trust_pickle,
+                trust_remote_code=args.trust_remote_code,
+            )
     except ModelLoadError as exc:
         raise _model_error(exc, "S0310", args.model) from exc
 
 
 def _targets(args: argparse.Namespace) -> list[tuple[str, str | None, int | None]]:
-    """``--target B[:DEVICE]`` options as (backend, device, trials) like `target` statements."""
-    from surgery.check import BACKENDS
+    """``--target B[:DEVICE]`` options as (backend, device, trials) like `target` statements.
+
+    Each is checked by the very rule that checks a recipe's ``target B DEVICE`` line, so a
+    target the recipe would reject (unknown, or not implemented in this build) is rejected on
+    the command line too, with the same message.
+    """
+    from surgery import ast
+    from surgery.check import check
     from surgery.diagnostics import Diagnostic
+    from surgery.parse import parse_statements
 
     specs: list[tuple[str, str | None, int | None]] = []
     for text in getattr(args, "target", None) or []:
-        backend, _, device = text.partition(":")
-        if backend not in BACKENDS or (device and device not in BACKENDS[backend]):
-            known = ", ".join(f"{b}:{d}" for b, ds in BACKENDS.items() for d in ds)
+        names = text.split(":")
+        backend, device = names[0], (names[1] if len(names) == 2 else "")
+        if len(names) > 2 or not all(n and n.replace("-", "_").isidentifier() for n in names):
             raise UserError(
                 [
                     Diagnostic(
-                        code="S0002", message=f"unknown target `{text}`", help=f"use one of {known}"
+                        code="S0002",
+                        message=f"`--target {text}` is not of the form `BACKEND[:DEVICE]`",
+                        help="e.g. `--target onnx:cpu` or `--target torch:inductor`",
                     )
                 ],
                 None,
                 "--target",
             )
+        source = "target " + " ".join(names)
+        statements, diags = parse_statements(source)
+        if not diags:
+            diags = check(ast.Recipe(statements=statements, span=statements[0].span))
+        errors = [d for d in diags if d.severity == "error"]
+        if errors:
+            raise UserError(errors, source, f"--target {text}")
         specs.append((backend, device or None, args.trials))
     return specs
 
@@ -205,6 +252,29 @@ def _run(
     return run, loaded, source
 
 
+_WRITE_HELP = {
+    errno.ENOSPC: "free some space on that disk, or write the output to another one",
+    errno.EDQUOT: "free some space within your quota, or write the output elsewhere",
+    errno.EROFS: "the file system is read-only: write the output to a writable directory",
+    errno.EACCES: "you may not write there: choose a directory you own",
+    errno.EPERM: "you may not write there: choose a directory you own",
+    errno.ENOTDIR: "a parent of the output path is a file: choose another output path",
+    errno.EEXIST: "a parent of the output path is a file: choose another output path",
+}
+
+
+def _write_error(exc: OSError, out: Path) -> Any:
+    from surgery.diagnostics import Diagnostic, first_line
+
+    what = exc.strerror or first_line(exc)
+    where = f" (`{exc.filename}`)" if exc.filename else ""
+    return Diagnostic(
+        code="S0350",
+        message=f"cannot write the output `{out}`: {what}{where}",
+        help=_WRITE_HELP.get(exc.errno or 0, "check the output path and the disk"),
+    )
+
+
 def _contract_failures(run: Any, source: str, filename: str) -> list[Any]:
     from surgery.diagnostics import Diagnostic
 
@@ -238,7 +308,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             source = _read_recipe(path)
         except UserError as exc:
-            _emit_or_collect(exc.diagnostics, None, path, args.format, report)
+            _emit_or_collect(exc.diagnostics, exc.source, path, args.format, report)
             status = EXIT_USER
             continue
         statements, diags = parse_statements(source)
@@ -273,7 +343,12 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
     status = EXIT_OK
     for path in args.recipes:
-        source = _read_recipe(path)
+        try:
+            source = _read_recipe(path)
+        except UserError as exc:  # like `check`: report it and go on with the other files
+            sys.stderr.write(render_all(exc.diagnostics, exc.source, path))
+            status = EXIT_USER
+            continue
         try:
             formatted = format_source(source)
         except DiagnosticError as exc:
@@ -332,7 +407,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         # The run happens inside the temporary output so lowered artifacts land in OUT too;
         # any failure removes it, and OUT appears only when everything is written.
-        with atomic_directory(out, force=args.force, protect=[Path(args.model)]) as tmp:
+        with atomic_directory(
+            out, force=args.force, protect=[Path(args.model), Path(args.recipe)]
+        ) as tmp:
             run, loaded, source = _run(
                 args, measure=not args.no_measure, console=console, workdir=tmp / "lowered"
             )
@@ -356,6 +433,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise UserError(
             [Diagnostic(code="S0330", message=str(exc), help=exc.help)], None, args.output
         ) from exc
+    except OSError as exc:
+        # The machine, not surgery: a read-only or full disk, no permission, a parent that is a
+        # file. The output is not written (atomic_directory removed what was).
+        raise UserError([_write_error(exc, out)], None, args.output) from exc
     finally:
         console.done()
     if args.format == "json":
@@ -376,7 +457,12 @@ def cmd_load(args: argparse.Namespace) -> int:
     from surgery.save import load
 
     try:
-        model = load(args.directory)
+        with _importable_cwd(args.arch is not None):
+            model = load(
+                args.directory,
+                arch=args.arch,
+                trust_pickle=args.trust_pickle,
+            )
     except ModelLoadError as exc:
         raise _model_error(exc, "S0311", args.directory) from exc
     params = sum(p.numel() for p in model.parameters())
@@ -398,6 +484,42 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 # --- entry point --------------------------------------------------------------------------
+
+
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer of at least ``minimum`` (argparse turns the error into exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"`{text}` is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"`{text}` must be {'positive' if minimum == 1 else f'at least {minimum}'}"
+            )
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+def _trust_args(p: argparse.ArgumentParser, *, arch_help: str, remote_code: bool = True) -> None:
+    p.add_argument("--arch", metavar="MODULE:FACTORY", help=arch_help)
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a pickled module or program (runs code from the file; only for "
+        "files you made or fully trust)",
+    )
+    if not remote_code:  # an output is rebuilt from transformers' own classes only
+        return
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a Hugging Face config's `auto_map` to run the model code it names (only "
+        "for repositories you fully trust)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,31 +558,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "model", metavar="MODEL", help="HF model dir, .pt2, or state dict with --arch"
         )
-        p.add_argument(
-            "--arch", metavar="MODULE:FACTORY", help="builds the architecture of a state dict"
-        )
-        p.add_argument(
-            "--trust-pickle",
-            action="store_true",
-            help="allow loading a pickled module (runs code from the file)",
-        )
+        _trust_args(p, arch_help="builds the architecture of a state dict")
         p.add_argument(
             "--strict", action="store_true", help="a selector that matches nothing is an error"
         )
         p.add_argument("--format", choices=("text", "json"), default="text")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
-        p.add_argument("--warmup", type=int, default=3, help="timing warm-up runs (default 3)")
-        p.add_argument("--repeats", type=int, default=20, help="timed A/B repeats (default 20)")
+        p.add_argument(
+            "--warmup", type=_count(0), default=3, help="timing warm-up runs (default 3)"
+        )
+        p.add_argument(
+            "--repeats", type=_count(1), default=20, help="timed A/B repeats (default 20)"
+        )
         p.add_argument(
             "--target",
             action="append",
             metavar="BACKEND[:DEVICE]",
             help="also lower to and measure on this target (repeatable), e.g. onnx:cpu, tvm:llvm",
         )
-        p.add_argument("--trials", type=int, default=None, help="TVM tuning trials per task")
+        p.add_argument("--trials", type=_count(1), default=None, help="TVM tuning trials per task")
         p.add_argument(
             "--max-heal-steps",
-            type=int,
+            type=_count(0),
             default=None,
             metavar="N",
             help="cap every `heal` at N steps (a quick trial run of a recipe)",
@@ -491,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: surgery load out/minilm",
     )
     p.add_argument("directory", metavar="OUT")
+    _trust_args(
+        p,
+        arch_help="rebuild an output made from a state dict with this factory (the one "
+        "`surgery.json` records is never imported on its own)",
+        remote_code=False,
+    )
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("schema", help="print the JSON schema of the recipe AST")
@@ -510,19 +635,23 @@ def _internal_error(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every cleanup on the way out runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("warmup", "repeats"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < (
-            1 if name == "repeats" else 0
-        ):
-            parser.error(f"--{name} must be {'positive' if name == 'repeats' else 'non-negative'}")
-    # Like `python -m`, let `--arch module:factory` and saved factory models name modules of
-    # the current directory.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C: the temporary output and
+    # anything else a `with` block holds is removed. Only the main thread may set handlers.
+    previous = None
+    with contextlib.suppress(ValueError):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args))
     except UserError as exc:
@@ -533,11 +662,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Terminated:
+        sys.stderr.write("terminated\n")
+        return 128 + signal.SIGTERM
+    except OSError as exc:
+        if exc.errno is None:  # raised by code, not by the operating system: a bug
+            return _internal_error(exc)
+        # The operating system refused a read or a write (permissions, a full or read-only
+        # disk, a vanished file): the user's to fix, not a bug in surgery.
+        from surgery.diagnostics import Diagnostic, render_all
+
+        diag = Diagnostic(
+            code="S0351",
+            message=f"the system refused a file operation: {exc.strerror}",
+            help=_WRITE_HELP.get(exc.errno, "check the path, its permissions and the disk"),
+        )
+        sys.stderr.write(render_all([diag], None, str(exc.filename or "surgery")))
+        return EXIT_USER
     except Exception as exc:
         return _internal_error(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> NoReturn:
+    # `python -m surgery` puts the current directory first on sys.path; a console script puts
+    # its own bin directory there. Neither may import code from the working directory (a
+    # planted `transformers.py` would run): only an explicit `--arch` names user code.
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
     sys.exit(main())
 
 

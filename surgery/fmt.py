@@ -72,7 +72,9 @@ def _rank(r: ast.Rank) -> str:
     if r.kind == "energy":
         return f"rank = energy {format_number(r.value)}"
     if r.kind == "absolute":
-        return f"rank = {_num(r.value.value)}"
+        # Always digits: `_num` writes 1e15 and above with an exponent, which reads back as a
+        # fraction (an absolute rank is exactly "an integer without point, exponent or unit").
+        return f"rank = {int(r.value.value)}"
     text = format_number(r.value)
     if r.value.unit == "" and re.fullmatch(r"-?[0-9]+", text):
         text += ".0"  # keep it a fraction: `rank = 1` would be the absolute rank 1
@@ -210,7 +212,9 @@ def format_source(source: str) -> str:
     """
     recipe = parse(source)
     comments = _comments(source)
-    lines = source.splitlines()
+    # Lines as the parser counts them ("\n" only): `splitlines` also breaks at form feeds,
+    # U+2028 and others, and then a comment's line number points at the wrong line.
+    lines = source.split("\n")
     out: list[str] = []
     last_line = 0  # last source line already emitted
     ci = 0

@@ -188,19 +188,23 @@ def heal(
 
     named = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in named.items()}
-    allowed = {
+    # A list in the model's own order, never a set: a set's order follows the per-process string
+    # hash, and the order of `params` decides the order of the gradient-norm sum and of AdamW's
+    # fused updates, so two runs of one recipe would differ in every weight.
+    allowed = [
         n for n, p in named.items() if p.requires_grad and all(h.trainable(n, model) for h in hooks)
-    }
+    ]
     params = [named[n] for n in allowed]
+    is_allowed = set(allowed)  # membership only; never iterated
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
     frozen_at_start = frozen_names(model, what, 0)
-    trainable = sum(named[n].numel() for n in allowed - frozen_at_start)
-    frozen = sum(p.numel() for n, p in named.items() if n not in allowed or n in frozen_at_start)
+    trainable = sum(named[n].numel() for n in allowed if n not in frozen_at_start)
+    frozen = sum(p.numel() for n, p in named.items() if n not in is_allowed or n in frozen_at_start)
 
     def set_phase(phase: int) -> None:
         fixed = frozen_names(model, what, phase)
         for n, p in named.items():
-            p.requires_grad_(n in allowed and n not in fixed)
+            p.requires_grad_(n in is_allowed and n not in fixed)
 
     def outputs_of(i: int) -> list[Tensor]:
         return float_outputs(batches[i].call(model))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,25 +316,78 @@ def _read_tensor_file(path: Path) -> Inputs:
     )
 
 
-def _read_texts(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read calibration text `{path}`: {exc}") from exc
-    if path.suffix == ".txt":
-        texts = [ln.strip() for ln in lines if ln.strip()]
-    else:
-        texts = []
-        for no, ln in enumerate(lines, 1):
-            if not ln.strip():
-                continue
+# A calibration text longer than this many characters per token of the sequence length is
+# cut before tokenizing: the tokenizer keeps only `seq_len` tokens anyway, and handing it a
+# whole multi-gigabyte line aborts the process (tokenizers' Rust core) instead of raising.
+_CHARS_PER_TOKEN = 64
+# A `.jsonl` line must be parsed whole to find its "text"; past this it is refused, not read.
+_MAX_JSON_LINE = 16 * 1024 * 1024
+
+
+def _lines(path: Path, limit: int) -> Iterator[tuple[int, str, bool]]:
+    """``(line number, text, complete)`` of each line, at most ``limit`` bytes of each.
+
+    The file is streamed: memory stays near ``limit`` however long the file or its lines.
+    ``complete`` is False for a line that was cut. Text that is not UTF-8 is an
+    :class:`InputError` naming the line.
+    """
+    with path.open("rb") as f:
+        no = 0
+        while True:
+            raw = f.readline(limit + 1)
+            if not raw:
+                return
+            no += 1
+            complete = raw.endswith(b"\n") or len(raw) <= limit
+            if not complete:
+                while True:  # skip the rest of an over-long line, a chunk at a time
+                    rest = f.readline(1 << 20)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                raw = raw[:limit]
             try:
-                obj = json.loads(ln)
-            except ValueError as exc:
-                raise InputError(f"`{path}` line {no} is not valid JSON: {exc}") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f'`{path}` line {no} has no string "text" field')
-            texts.append(obj["text"])
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if complete or exc.start < len(raw) - 3:
+                    raise InputError(
+                        f"`{path}` line {no} is not UTF-8 text (byte {exc.start + 1} of the "
+                        f"line: {exc.reason})"
+                    ) from exc
+                text = raw[: exc.start].decode("utf-8")  # the cut fell inside a character
+            yield no, text.rstrip("\r\n"), complete
+
+
+def _read_texts(path: Path, samples: int, seq_len: int) -> list[str]:
+    """The first ``samples`` texts of a ``.txt`` (one per line) or ``.jsonl`` file."""
+    max_chars = max(1, seq_len) * _CHARS_PER_TOKEN
+    texts: list[str] = []
+    try:
+        if path.suffix.lower() == ".txt":
+            for _, line, _ in _lines(path, 4 * max_chars):
+                if line.strip():
+                    texts.append(line.strip())
+                    if len(texts) >= samples:
+                        break
+        else:
+            for no, line, complete in _lines(path, _MAX_JSON_LINE):
+                if not line.strip():
+                    continue
+                if not complete:
+                    raise InputError(
+                        f"`{path}` line {no} is longer than {_MAX_JSON_LINE // (1 << 20)} MiB: "
+                        "split the text into several lines"
+                    )
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise InputError(f"`{path}` line {no} is not valid JSON: {exc}") from exc
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise InputError(f'`{path}` line {no} has no string "text" field')
+                texts.append(obj["text"][:max_chars])
+                if len(texts) >= samples:
+                    break
+    except OSError as exc:
+        raise InputError(f"cannot read calibration text `{path}`: {exc.strerror or exc}") from exc
     if not texts:
         raise InputError(f"calibration text `{path}` contains no texts")
     return texts
@@ -352,7 +405,9 @@ def _tokenize(
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:
         raise InputError(
             f"no usable tokenizer in `{model_dir}` for calibration text `{path}`: "
@@ -417,7 +472,7 @@ def calibration_inputs(
     if suffix in (".pt", ".pth", ".safetensors"):
         ins = _read_tensor_file(path)
     elif suffix in (".txt", ".jsonl"):
-        texts = _read_texts(path)[:samples]
+        texts = _read_texts(path, samples, seq_len)
         ins = _tokenize(texts, model, config, loaded_model, seq_len, path)
     else:
         raise InputError(

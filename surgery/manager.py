@@ -265,7 +265,15 @@ class Manager:
         # Drift after each step is measured on real data when there is some: the first
         # calibration batch (the example inputs are random token ids or pixels).
         probe = calibration[0] if calibration else example
-        self._probe = (probe, probe.call(original))
+        try:
+            self._probe = (probe, probe.call(original))
+        except Exception as exc:  # tensors of the wrong shape or dtype for this model
+            raise InputError(
+                f"the model does not run on the calibration inputs ({first_line(exc)}); a "
+                "tensor file must hold what the model's forward takes: a tensor (the first "
+                "argument), a list (positional arguments) or a dict (keyword arguments), with "
+                "the batch first"
+            ) from exc
 
         model = copy.deepcopy(original)
         run = Run(

@@ -6,6 +6,10 @@ comments), and each statement is parsed on its own by the LALR parser built from
 errors become located :class:`~surgery.diagnostics.Diagnostic` objects that name what was
 expected and suggest the nearest keyword.
 
+Everything here is linear in the size of the source: positions become lines and columns through
+one :class:`~surgery.diagnostics.LineIndex`, nesting is bounded (``MAX_NESTING``) before any
+recursive code sees it, and numbers are read without Python's int-string digit limit.
+
 >>> recipe = parse("decompose Linear where params>1M rank=0.25 progressive 4 steps; group kv=2")
 >>> [s.verb for s in recipe.statements]
 ['decompose', 'group']
@@ -18,24 +22,52 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Tree
 from lark.exceptions import (
     UnexpectedCharacters,
     UnexpectedEOF,
     UnexpectedInput,
     UnexpectedToken,
-    VisitError,
 )
+from lark.lark import PostLex
 from lark.lexer import PatternStr
 
 from surgery import ast
-from surgery.diagnostics import Diagnostic, DiagnosticError, nearest, span_of
+from surgery.diagnostics import (
+    Diagnostic,
+    DiagnosticError,
+    LineIndex,
+    clip,
+    collector_paused,
+    line_index,
+    nearest,
+    span_of,
+)
 
-__all__ = ["VERBS", "grammar_text", "parse", "parse_statements", "parser"]
+__all__ = [
+    "MAX_DIGITS",
+    "MAX_NESTING",
+    "VERBS",
+    "grammar_text",
+    "parse",
+    "parse_statements",
+    "parser",
+]
+
+#: Deepest nesting of parentheses and ``not`` in a selector. Real selectors nest two or three
+#: levels; the bound keeps every recursive consumer of the AST (checker, formatter, pydantic's
+#: validation and JSON serialisation, which give up between 120 and 200 levels) far from its
+#: limit.
+MAX_NESTING = 64
+
+#: Most digits of a whole number (so every one fits a signed 64-bit integer).
+MAX_DIGITS = 18
 
 VERBS = (
     "target",
@@ -70,17 +102,94 @@ def grammar_text() -> str:
     return resources.files("surgery.grammar").joinpath("surg.lark").read_text(encoding="utf-8")
 
 
+class _LexProblem(Exception):
+    """Raised by :class:`_Words` on tokens the parser must never see (positions in the chunk)."""
+
+    def __init__(self, kind: str, first: Token, second: Token) -> None:
+        super().__init__(kind)
+        self.kind = kind  # "glued" or "nesting"
+        self.first = first
+        self.second = second
+
+
+_VALUE_TERMINALS = frozenset({"NAME", "NUMBER", "STRING", "CMP"})
+
+
+def _is_word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+class _Words(PostLex):
+    """Between lexer and parser: words stay whole, and nesting stays bounded.
+
+    ``always_accept`` makes the contextual lexer read a NAME in every state, so a keyword glued
+    to the next word (``decomposeLinear``) is lexed as the one word it is and then reported,
+    instead of silently splitting into ``decompose Linear``: Lark turns a NAME into a keyword
+    only when the whole word equals it. What the lexer cannot see is checked here: a token
+    ending in a letter or digit directly followed by one starting with a letter or digit
+    (``rank = 0.5method``) is two words run together.
+
+    Nesting (open parentheses plus pending ``not``) is counted as tokens arrive, so a selector
+    nested deeper than :data:`MAX_NESTING` stops the parse before the tree is built.
+    """
+
+    always_accept = ("NAME",)
+
+    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
+        prev: Token | None = None
+        nots = [0]  # per open parenthesis (and the top level): `not`s awaiting their operand
+        depth = 0
+        for tok in stream:
+            if (
+                prev is not None
+                and prev.end_pos == tok.start_pos
+                and _is_word_char(prev.value[-1:])
+                and _is_word_char(tok.value[:1])
+            ):
+                raise _LexProblem("glued", prev, tok)
+            word = tok.value if tok.type not in _VALUE_TERMINALS else None
+            if word == "(" or word == "not":
+                if word == "(":
+                    nots.append(0)
+                else:
+                    nots[-1] += 1
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise _LexProblem("nesting", tok, tok)
+            elif word == ")" and len(nots) > 1:  # the group is the operand of pending `not`s
+                depth -= 1 + nots.pop() + nots[-1]
+                nots[-1] = 0
+            elif word in ("and", "or"):
+                depth -= nots[-1]
+                nots[-1] = 0
+            prev = tok
+            yield tok
+
+
 @functools.lru_cache(maxsize=1)
 def parser() -> Lark:
-    """The LALR parser (built once)."""
+    """The LALR parser (built once).
+
+    Trees keep every token (``keep_all_tokens``) and carry no positions: :class:`_Build` takes
+    each node's extent from its first and last token and drops the keywords itself. Lark's
+    ``propagate_positions`` does the same per reduction in generic code and cost a third of
+    the parse.
+    """
     return Lark(
         grammar_text(),
         parser="lalr",
         lexer="contextual",
-        propagate_positions=True,
+        postlex=_Words(),
+        keep_all_tokens=True,
         start=["start", "statement"],
         maybe_placeholders=False,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _keyword_types() -> frozenset[str]:
+    """Terminals that are literal keywords or punctuation: dropped from a node's children."""
+    return frozenset(t.name for t in parser().terminals if isinstance(t.pattern, PatternStr))
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,48 +208,68 @@ def _terminal_literals() -> dict[str, list[str]]:
 # --- cutting the source into statements ------------------------------------------------
 
 
+_OUTSIDE = re.compile(r'["#\\;\n]')  # what can end a statement or start a string/comment
+_INSIDE = re.compile(r'["\\\n]')  # what can end a string
+
+
 def _statement_ranges(source: str) -> list[tuple[int, int]]:
-    """``(start, end)`` of each statement: split at newlines and ``;`` outside strings/comments."""
+    """``(start, end)`` of each statement: split at newlines and ``;`` outside strings/comments.
+
+    The scan jumps between the few characters that matter (a regex search), so plain text
+    costs no Python-level work per character.
+    """
     ranges: list[tuple[int, int]] = []
-    start = 0
-    i = 0
+    # A byte-order mark at the very start is not part of the recipe (Python ignores it too).
+    start = i = 1 if source.startswith("\ufeff") else 0
     n = len(source)
-    in_string = False
-    while i < n:
+    while True:
+        m = _OUTSIDE.search(source, i)
+        if m is None:
+            break
+        i = m.start()
         c = source[i]
-        if in_string:
-            if c == "\\" and i + 1 < n and source[i + 1] != "\n":
-                i += 2
-                continue
-            if c == '"':
-                in_string = False
-            elif c == "\n":  # an unterminated string ends with its line
-                in_string = False
-                ranges.append((start, i))
-                start = i + 1
-        elif c == '"':
-            in_string = True
-        elif c == "#":
-            while i < n and source[i] != "\n":
+        if c == '"':
+            i += 1
+            while True:  # to the closing quote; `\x` escapes any character but a newline
+                m = _INSIDE.search(source, i)
+                if m is None:
+                    i = n
+                    break
+                i = m.start()
+                if source[i] == "\\":
+                    i += 2 if i + 1 < n and source[i + 1] != "\n" else 1
+                    continue
+                if source[i] == "\n":  # an unterminated string ends with its line
+                    ranges.append((start, i))
+                    start = i + 1
                 i += 1
-            continue
-        elif c == "\\" and source[i + 1 : i + 2] == "\n":  # line continuation
-            i += 2
-            continue
-        elif c == "\\" and source[i + 1 : i + 3] == "\r\n":
-            i += 3
-            continue
-        elif c in ";\n":
+                break
+        elif c == "#":
+            i = source.find("\n", i)
+            if i < 0:
+                break
+        elif c == "\\":  # a line continuation, or a stray backslash
+            if source.startswith("\n", i + 1):
+                i += 2
+            elif source.startswith("\r\n", i + 1):
+                i += 3
+            else:
+                i += 1
+        else:  # `;` or a newline
             ranges.append((start, i))
-            start = i + 1
-        i += 1
+            start = i = i + 1
     ranges.append((start, n))
     return [(s, e) for s, e in ranges if _has_code(source[s:e])]
 
 
+# What the grammar ignores between tokens (`%ignore` in surg.lark) plus the newline. Not `\s`:
+# that would also skip U+2028, U+00A0 and friends, which the grammar rejects.
+_BLANK = r"(?:#[^\n]*|\\\r?\n|[ \t\f\r\n])"
+_BLANK_RE = re.compile(_BLANK + "+")
+
+
 def _has_code(text: str) -> bool:
-    stripped = re.sub(r"#[^\n]*|\\\r?\n|\s", "", text)
-    return bool(stripped)
+    return _BLANK_RE.fullmatch(text) is None and text != ""
 
 
 # --- building the AST ------------------------------------------------------------------
@@ -160,27 +289,76 @@ class _Fail(Exception):
 
 
 _NUMBER_RE = re.compile(r"(?P<num>-?[0-9.]+(?:[eE][-+]?[0-9]+)?)(?P<unit>[%KMG]?)")
+_UNIT_SCALE = {"": 1.0, "%": 0.01, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
-@v_args(meta=True)
-class _Build(Transformer[Token, Any]):
-    """Lark tree of one statement -> AST node. Positions are shifted by the statement offset."""
+# Rules whose children are keywords that carry the value (`params`, `add`, ...): kept.
+_VALUE_KEYWORD_RULES = frozenset({"field", "metric", "sublayer", "combine", "budget_resource"})
 
-    def __init__(self, source: str, offset: int) -> None:
-        super().__init__()
+
+class _Build:
+    """Lark tree of one statement -> AST node. Positions are shifted by the statement offset.
+
+    Each rule (or alias) ``r`` of the grammar is built by the method ``r(meta, children)``,
+    children first. The walk is iterative, so no tree is too deep for it (nesting is bounded
+    anyway, by :class:`_Words`, for the AST's own recursive consumers); it is not Lark's
+    ``Transformer``, whose per-node wrappers cost more than building the node.
+    """
+
+    def __init__(self, source: str, offset: int, index: LineIndex | None = None) -> None:
         self.source = source
         self.offset = offset
+        self.index = index or LineIndex(source)
 
-    # spans
-    def _span(self, meta: Any) -> ast.Span:
-        return span_of(self.source, self.offset + meta.start_pos, self.offset + meta.end_pos)
+    def transform(self, tree: Tree[Token]) -> Any:
+        keywords = _keyword_types()
+        order: list[Any] = []  # every tree and token, parents before children, right to left
+        todo: list[Any] = [tree]
+        while todo:
+            node = todo.pop()
+            order.append(node)
+            if isinstance(node, Tree):
+                todo.extend(node.children)
+        built: list[Any] = []  # results of the finished nodes, left to right
+        extent: list[tuple[int, int]] = []  # (start, end) in the chunk of each result
+        for node in reversed(order):
+            if isinstance(node, Tree):
+                first = len(built) - len(node.children)  # every rule has at least one token
+                values, spans = built[first:], extent[first:]
+                del built[first:], extent[first:]
+                pos = (spans[0][0], spans[-1][1])
+                if node.data not in _VALUE_KEYWORD_RULES:  # drop this node's own keywords
+                    values = [
+                        v
+                        for raw, v in zip(node.children, values)
+                        if not (isinstance(raw, Token) and raw.type in keywords)
+                    ]
+                built.append(getattr(self, node.data)(pos, values))
+                extent.append(pos)
+            else:
+                built.append(node)
+                extent.append((node.start_pos, node.end_pos))
+        return built[0]
+
+    # spans; `meta` is the (start, end) of the node in the statement
+    def _span(self, meta: tuple[int, int]) -> ast.Span:
+        return self.index.span(self.offset + meta[0], self.offset + meta[1])
 
     def _tspan(self, tok: Token) -> ast.Span:
         assert tok.start_pos is not None and tok.end_pos is not None
-        return span_of(self.source, self.offset + tok.start_pos, self.offset + tok.end_pos)
+        return self.index.span(self.offset + tok.start_pos, self.offset + tok.end_pos)
 
     def _fail(self, code: str, message: str, span: ast.Span, help: str | None = None) -> _Fail:
         return _Fail(Diagnostic(code=code, message=message, span=span, help=help))
+
+    # keywords that are values, and parentheses
+    def _keyword(self, meta: Any, children: list[Token]) -> Token:
+        return children[0]
+
+    field = metric = sublayer = combine = budget_resource = _keyword
+
+    def atom(self, meta: Any, children: list[Any]) -> Any:  # `( predicate )`
+        return children[0]
 
     # leaves
     def name(self, meta: Any, children: list[Token]) -> ast.Name:
@@ -196,23 +374,50 @@ class _Build(Transformer[Token, Any]):
         m = _NUMBER_RE.fullmatch(str(tok))
         span = self._tspan(tok)
         if m is None:  # pragma: no cover - the lexer only produces matching text
-            raise self._fail("S0105", f"`{tok}` is not a number", span)
+            raise self._fail("S0105", f"`{clip(tok)}` is not a number", span)
+        # float() has no digit limit (only int() has); 1e999 becomes inf, 1e-999 becomes 0.
         value = float(m["num"])
-        if not math.isfinite(value):
-            raise self._fail("S0105", f"`{tok}` is too large", span)
+        if not math.isfinite(value * _UNIT_SCALE[m["unit"]]):
+            if math.isfinite(value):  # `1e308K`: the number fits, its magnitude does not
+                raise self._fail(
+                    "S0105",
+                    f"`{clip(tok)}` is too large",
+                    span,
+                    help="numbers with a unit must stay below about 1.8e308 once scaled",
+                )
+            raise self._fail("S0105", f"`{clip(tok)}` is too large", span)
+        if value == 0 and re.search(r"[1-9]", m["num"].partition("e")[0].partition("E")[0]):
+            raise self._fail(
+                "S0105",
+                f"`{clip(tok)}` is too small: it would be read as 0",
+                span,
+                help="write `0` if zero is meant; the smallest number is about 5e-324",
+            )
         return ast.Number(value=value, unit=m["unit"], span=span)  # type: ignore[arg-type]
 
     def int(self, meta: Any, children: list[Token]) -> ast.Int:
         tok = children[0]
+        text = str(tok)
         span = self._tspan(tok)
-        if not re.fullmatch(r"-?[0-9]+", str(tok)):
+        if not re.fullmatch(r"-?[0-9]+", text):
             raise self._fail(
                 "S0105",
-                f"expected a whole number, found `{tok}`",
+                f"expected a whole number, found `{clip(text)}`",
                 span,
                 help="write an integer without a decimal point, unit or exponent",
             )
-        return ast.Int(value=int(str(tok)), span=span)
+        # Count the digits before converting: int() refuses strings over 4,300 digits, and no
+        # count in a recipe needs more than 18 (they all fit a signed 64-bit integer).
+        digits = text.lstrip("-").lstrip("0") or "0"
+        if len(digits) > MAX_DIGITS:
+            raise self._fail(
+                "S0105",
+                f"`{clip(text)}` is too large",
+                span,
+                help=f"a whole number has at most {MAX_DIGITS} digits; this one has {len(digits)}",
+            )
+        value = int(digits)
+        return ast.Int(value=-value if text.startswith("-") else value, span=span)
 
     # selectors
     def select_type(self, meta: Any, children: list[Any]) -> ast.Selector:
@@ -434,7 +639,20 @@ class _Build(Transformer[Token, Any]):
 
 # --- syntax errors -> diagnostics ------------------------------------------------------
 
-_WORD_RE = re.compile(r"[^\W\d]\w*(?:-\w+)*|-?[0-9][0-9A-Za-z.%+-]*|\S")
+_WORD_RE = re.compile(r"[^\W\d]\w*(?:-\w+)*|-?[0-9][0-9A-Za-z.%+-]*|\S|.", re.S)
+
+
+def _describe_char(c: str) -> str:
+    """``U+2028 (LINE SEPARATOR)``: a character that cannot be shown as itself."""
+    name = unicodedata.name(c, "")
+    if not name and unicodedata.category(c) == "Cc":
+        name = "a control character"
+    return f"U+{ord(c):04X}" + (f" ({name})" if name else "")
+
+
+def _is_invisible(c: str) -> bool:
+    """A character a terminal shows as nothing, as blank, or as a cursor movement."""
+    return c != " " and unicodedata.category(c)[0] in "CZ"
 
 
 def _describe_expected(expected: set[str]) -> tuple[list[str], list[str]]:
@@ -450,7 +668,9 @@ def _describe_expected(expected: set[str]) -> tuple[list[str], list[str]]:
     return sorted(set(keywords)), sorted(set(values))
 
 
-def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) -> Diagnostic:
+def _syntax_diagnostic(
+    err: UnexpectedInput, source: str, start: int, end: int, index: LineIndex
+) -> Diagnostic:
     text = source[start:end]
     verb_match = re.match(r"\s*([^\W\d][\w-]*)", text)
     verb = verb_match.group(1) if verb_match else ""
@@ -473,14 +693,18 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) 
 
     # What the parser accepts after the text before the error is exact; the lexer's own
     # list (UnexpectedCharacters) mixes in terminals of other statements.
-    accepted = _accepts(source[start:pos])
+    accepted, last_token = _lex_prefix(source[start:pos])
     if accepted is not None:
-        expected = accepted
+        expected = set(accepted)
     complete = "$END" in expected
 
-    # Trailing whitespace/comments are not "the end": point just after the last token.
-    last = start + len(re.sub(r"(\s|#[^\n]*)*$", "", text))
-    at_end = pos >= last
+    # The lexer skips only what the grammar ignores, so an error before the end of the chunk
+    # is never at its end; at the end, point just after the last token (not at a comment).
+    at_end = pos >= end
+    if last_token is not None and last_token.end_pos is not None:
+        last = start + last_token.end_pos
+    else:
+        last = start + len(text.rstrip(" \t\f\r\n"))
     keywords, values = _describe_expected(expected)
     word_match = _WORD_RE.match(source, pos) if not at_end else None
     word = word_match.group(0) if word_match else ""
@@ -491,33 +715,41 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) 
         guess = nearest(verb, VERBS)
         return Diagnostic(
             code="S0101",
-            message=f"unknown statement `{verb}`",
-            span=span_of(source, pos, pos + len(verb)),
+            message=f"unknown statement `{clip(verb)}`",
+            span=index.span(pos, pos + len(verb)),
             help=f"did you mean `{guess}`?"
             if guess
             else "a statement starts with one of: " + ", ".join(f"`{v}`" for v in VERBS),
         )
 
     if at_end:
-        prev = re.findall(r'"[^"]*"|\S+', re.sub(r"#[^\n]*", "", text))
-        after = prev[-1] if prev else verb
+        after = str(last_token) if last_token is not None else verb
         wanted = [f"`{k}`" for k in keywords] + values
         wanted = [w for w in wanted if w != "the end of the statement"]
         return Diagnostic(
             code="S0104",
-            message=f"incomplete `{verb}` statement",
-            span=span_of(source, max(start, last - len(after)), last),
-            help=f"expected {_one_of(wanted)} after `{after}`" if wanted else None,
+            message=f"incomplete `{clip(verb)}` statement",
+            span=index.span(max(start, last - len(after)), last),
+            help=f"expected {_one_of(wanted)} after `{clip(after)}`" if wanted else None,
         )
 
-    span = span_of(source, pos, pos + max(1, len(word)))
+    span = index.span(pos, pos + max(1, len(word)))
+    if len(word) == 1 and _is_invisible(word):
+        return Diagnostic(
+            code="S0103",
+            message=f"unexpected character {_describe_char(word)}",
+            span=span,
+            help="delete it (your editor may not show it); words are separated by spaces or tabs",
+        )
+    verb = clip(verb)
+    word = clip(word)
     if word.startswith('"') or (word == '"'):
         return Diagnostic(
             code="S0107",
             message="unterminated string"
             if source.count('"', pos, end) % 2
             else "unexpected string",
-            span=span_of(source, pos, end if source.count('"', pos, end) % 2 else pos + 1),
+            span=index.span(pos, end if source.count('"', pos, end) % 2 else pos + 1),
             help='close the string with `"` on the same line'
             if source.count('"', pos, end) % 2
             else f"expected {_one_of([f'`{k}`' for k in keywords] + values)}",
@@ -552,14 +784,47 @@ def _syntax_diagnostic(err: UnexpectedInput, source: str, start: int, end: int) 
     )
 
 
-def _accepts(prefix: str) -> set[str] | None:
-    """Terminals the statement parser accepts after ``prefix`` (None if it cannot tell)."""
+# Terminals accepted by a parser state stack. Lark's `accepts()` tries every terminal on a copy
+# of the parser; the answer depends on the stack alone, and a recipe with many errors meets the
+# same few stacks again and again.
+_ACCEPTS: dict[tuple[int, ...], frozenset[str]] = {}
+
+
+def _lex_prefix(prefix: str) -> tuple[frozenset[str] | None, Token | None]:
+    """Terminals the statement parser accepts after ``prefix`` and the last token of
+    ``prefix`` (comments and blanks skipped); None for what it cannot tell."""
     try:
         interactive = parser().parse_interactive(prefix, start="statement")
-        interactive.exhaust_lexer()
-        return set(interactive.accepts())
-    except UnexpectedInput:
-        return None
+        tokens = interactive.exhaust_lexer()
+        last = tokens[-1] if tokens else None
+        key = tuple(interactive.parser_state.state_stack)
+        accepted = _ACCEPTS.get(key)
+        if accepted is None:
+            accepted = frozenset(interactive.accepts())
+            if len(_ACCEPTS) < 4096:
+                _ACCEPTS[key] = accepted
+        return accepted, last
+    except (UnexpectedInput, _LexProblem):
+        return None, None
+
+
+def _lex_diagnostic(problem: _LexProblem, start: int, index: LineIndex) -> Diagnostic:
+    first, second = problem.first, problem.second
+    assert first.start_pos is not None and second.start_pos is not None
+    assert first.end_pos is not None and second.end_pos is not None
+    if problem.kind == "glued":
+        return Diagnostic(
+            code="S0109",
+            message=f"missing space between `{clip(first)}` and `{clip(second)}`",
+            span=index.span(start + first.start_pos, start + second.end_pos),
+            help=f"write `{clip(first)} {clip(second)}`",
+        )
+    return Diagnostic(
+        code="S0108",
+        message=f"selector nested more than {MAX_NESTING} levels deep",
+        span=index.span(start + second.start_pos, start + second.end_pos),
+        help="remove redundant parentheses and double `not`s, or split the statement in two",
+    )
 
 
 def _one_of(items: list[str]) -> str:
@@ -576,21 +841,26 @@ def _one_of(items: list[str]) -> str:
 
 def parse_statements(source: str) -> tuple[list[ast.Statement], list[Diagnostic]]:
     """Parse every statement; return the ones that parsed and the syntax diagnostics."""
+    with collector_paused():
+        return _parse_statements(source)
+
+
+def _parse_statements(source: str) -> tuple[list[ast.Statement], list[Diagnostic]]:
     statements: list[ast.Statement] = []
     diagnostics: list[Diagnostic] = []
     lark = parser()
+    index = line_index(source)
     for start, end in _statement_ranges(source):
         chunk = source[start:end]
         try:
             tree = lark.parse(chunk, start="statement")
-            statements.append(_Build(source, start).transform(tree))
+            statements.append(_Build(source, start, index).transform(tree))
         except UnexpectedInput as err:
-            diagnostics.append(_syntax_diagnostic(err, source, start, end))
-        except VisitError as err:
-            if isinstance(err.orig_exc, _Fail):
-                diagnostics.append(err.orig_exc.diagnostic)
-            else:  # pragma: no cover - a bug in the builder
-                raise
+            diagnostics.append(_syntax_diagnostic(err, source, start, end, index))
+        except _LexProblem as problem:
+            diagnostics.append(_lex_diagnostic(problem, start, index))
+        except _Fail as fail:
+            diagnostics.append(fail.diagnostic)
     return statements, diagnostics
 
 

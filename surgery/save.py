@@ -10,7 +10,8 @@ A saved model directory holds:
 
 :func:`load` rebuilds the base architecture, puts each recorded replacement module at its
 path (a wrapper gets the rebuilt module it wraps), then loads the weights strictly. Nothing
-is unpickled.
+is unpickled and no code named by ``surgery.json`` runs unless the caller asks for it: a
+model built from a user factory needs ``arch=`` or ``trust_code=True``.
 
 >>> import tempfile, torch
 >>> from surgery.modules import LowRankLinear
@@ -19,16 +20,18 @@ is unpickled.
 >>> model = tiny(); model[0] = LowRankLinear(8, 8, rank=2)
 >>> d = tempfile.mkdtemp()
 >>> write_model(model, {"kind": "factory", "arch": f"{__name__}:tiny"}, d)
->>> type(load(d)[0]).__name__
+>>> type(load(d, trust_code=True)[0]).__name__
 'LowRankLinear'
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,10 +43,18 @@ from safetensors.torch import save_model as st_save_model
 from torch import nn
 
 from surgery import __version__
-from surgery.load import ModelLoadError, rebuild_base
+from surgery.load import ModelLoadError, _json_type, _reason, _shown, rebuild_base
 from surgery.modules import SurgeryModule, build
 
-__all__ = ["FORMAT", "OutputError", "atomic_directory", "load", "surgery_modules", "write_model"]
+__all__ = [
+    "FORMAT",
+    "OutputError",
+    "atomic_directory",
+    "load",
+    "remove_stale_temporaries",
+    "surgery_modules",
+    "write_model",
+]
 
 FORMAT = "surgery/1"
 
@@ -112,12 +123,37 @@ def write_model(
         "modules": surgery_modules(model),
         "changes": changes or [],
     }
-    st_save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    weights = directory / "model.safetensors"
+    try:
+        st_save_model(model, str(weights), metadata={"format": "pt"})
+    except OSError:
+        raise
+    except Exception as exc:
+        # safetensors reports a full or read-only disk as its own error type carrying the OS
+        # error number; surface it as the OSError it is, so callers treat it as one.
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(weights)) from exc
     (directory / "surgery.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def load(directory: str | Path) -> nn.Module:
-    """Rebuild a model saved by ``surgery apply`` (or :func:`write_model`), in eval mode."""
+def load(
+    directory: str | Path,
+    *,
+    arch: str | None = None,
+    trust_code: bool = False,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """Rebuild a model saved by ``surgery apply`` (or :func:`write_model`), in eval mode.
+
+    ``surgery.json`` only selects among what this tool builds itself (transformers classes
+    from their config, the registered replacement modules). A model built from a user factory
+    is rebuilt by ``arch`` (``module:factory``, the caller's choice), or by the recorded
+    factory only with ``trust_code=True``; one built from a ``.pt2`` program needs
+    ``trust_pickle=True``. Any malformed file is a :class:`~surgery.load.ModelLoadError`.
+    """
     directory = Path(directory)
     manifest_path = directory / "surgery.json"
     if not manifest_path.is_file():
@@ -125,33 +161,34 @@ def load(directory: str | Path) -> nn.Module:
             f"`{directory}` is not a surgered model directory (no `surgery.json`)",
             help="give the directory written by `surgery apply ... -o DIR`",
         )
+    base, dtype, records = _read_manifest(manifest_path)
+    model = rebuild_base(
+        base, directory, arch=arch, trust_code=trust_code, trust_pickle=trust_pickle
+    )
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"`{manifest_path}` is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT:
+        model.to(dtype)
+    except Exception as exc:
         raise ModelLoadError(
-            f"`{manifest_path}` has format `{manifest.get('format')}`, expected `{FORMAT}`"
-        )
-    model = rebuild_base(manifest["base"], directory)
-    dtype = getattr(torch, str(manifest.get("dtype", "float32")), torch.float32)
-    model.to(dtype)
-    for record in manifest.get("modules", []):
+            f"cannot convert the model of `{directory}` to `{dtype}`: {_reason(exc)}"
+        ) from exc
+    for i, record in enumerate(records):
+        path = record["path"]
         try:
             module = build(record["class"], record["spec"])
             if module.wraps:
-                setattr(module, module.wraps, model.get_submodule(record["path"]))
+                setattr(module, module.wraps, model.get_submodule(path))
             module.to(dtype)
-            model.set_submodule(record["path"], module)
-        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            model.set_submodule(path, module)
+        except Exception as exc:  # a spec from a file: any failure is the file's fault
             raise ModelLoadError(
-                f"cannot rebuild module `{record.get('path')}` of `{directory}`: {exc}"
+                f"cannot rebuild module `{_shown(path)}` (record {i} of `modules` in "
+                f"`{manifest_path}`): {_reason(exc)}"
             ) from exc
     weights = directory / "model.safetensors"
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read the weights `{weights}`: {exc}") from exc
+        raise ModelLoadError(f"cannot read the weights `{weights}`: {_reason(exc)}") from exc
     missing = [k for k in missing if not _is_tied_alias(model, k)]
     if missing or unexpected:
         raise ModelLoadError(
@@ -161,6 +198,52 @@ def load(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _read_manifest(
+    path: Path,
+) -> tuple[dict[str, Any], torch.dtype, list[dict[str, Any]]]:
+    """``(base, dtype, module records)`` of a ``surgery.json``, each checked for its shape."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"`{path}` is not valid JSON: {_reason(exc)}") from exc
+    if not isinstance(manifest, dict):
+        raise ModelLoadError(f"`{path}` must hold a JSON object, not {_json_type(manifest)}")
+    if manifest.get("format") != FORMAT:
+        raise ModelLoadError(
+            f"`{path}` has format `{_shown(manifest.get('format'))}`, expected `{FORMAT}`"
+        )
+    base = manifest.get("base")
+    if not isinstance(base, dict):
+        raise ModelLoadError(
+            f"`{path}` has no `base` object describing the architecture (found {_json_type(base)})"
+        )
+    name = manifest.get("dtype", "float32")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelLoadError(
+            f"`{path}` has `dtype` `{_shown(name)}`, which is not a floating-point torch dtype",
+            help="e.g. `float32`, `float16` or `bfloat16`",
+        )
+    records = manifest.get("modules", [])
+    if not isinstance(records, list):
+        raise ModelLoadError(
+            f"`{path}` must list its replacement modules in `modules`, not {_json_type(records)}"
+        )
+    for i, record in enumerate(records):
+        fields = (("path", str), ("class", str), ("spec", dict))
+        if not isinstance(record, dict):
+            raise ModelLoadError(
+                f"record {i} of `modules` in `{path}` must be an object, not {_json_type(record)}"
+            )
+        for key, kind in fields:
+            if not isinstance(record.get(key), kind):
+                raise ModelLoadError(
+                    f"record {i} of `modules` in `{path}` needs `{key}` as "
+                    f"{_json_type(kind())}, found {_json_type(record.get(key))}"
+                )
+    return base, dtype, records
+
+
 def _is_tied_alias(model: nn.Module, key: str) -> bool:
     """``key`` names a parameter that shares storage with another saved parameter."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -168,6 +251,79 @@ def _is_tied_alias(model: nn.Module, key: str) -> bool:
     if tensor is None:
         return False
     return any(other is tensor and name != key for name, other in params.items())
+
+
+def _same_or_nested(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` (resolved) are one path, or one lies inside the other."""
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+# Temporaries of an output `OUT` are siblings named `.OUT.<token>.tmp` (the run being written),
+# `.OUT.<token>.old` (the previous OUT while it is swapped out) and `.OUT.<token>.lock`, a file
+# the writing process holds an exclusive `flock` on from before the first is made until after
+# the last is gone. The kernel drops the lock when the process dies, even by SIGKILL, so a lock
+# that can be taken proves its temporaries are stale. (A PID in the name proves nothing: PIDs
+# are reused, and the name cannot tell a live writer on another host of a shared disk.)
+_TEMP_KINDS = (".tmp", ".old")
+
+
+def _temp_names(out: Path, token: str) -> tuple[Path, Path, Path]:
+    stem = f".{out.name}.{token}"
+    return (
+        out.with_name(stem + ".lock"),
+        out.with_name(stem + ".tmp"),
+        out.with_name(stem + ".old"),
+    )
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove the temporaries an earlier, killed write of ``out`` left; returns what went.
+
+    Only temporaries whose lock file can be locked are removed: their writer is dead. A live
+    writer's temporaries, and anything whose staleness cannot be proven (no lock file), stay.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> (d / ".out.abc.tmp").mkdir(); (d / ".out.abc.lock").touch()  # a writer killed by SIGKILL
+    >>> [p.name for p in remove_stale_temporaries(d / "out")]
+    ['.out.abc.lock', '.out.abc.tmp']
+    """
+    out = Path(out)
+    parent = out.parent
+    if not parent.is_dir():
+        return []
+    prefix = f".{out.name}."
+    removed: list[Path] = []
+    for lock in sorted(parent.glob(f"{glob.escape(prefix)}*.lock")):
+        token = lock.name[len(prefix) : -len(".lock")]
+        if not token or "." in token or not lock.is_file() or lock.is_symlink():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            _, tmp, old = _temp_names(out, token)
+            for path in (tmp, old):
+                if path.exists() or path.is_symlink():
+                    _remove_tree(path)
+                    removed.append(path)
+            lock.unlink(missing_ok=True)
+            removed.insert(0, lock)
+        finally:
+            os.close(fd)
+    return sorted(removed)
 
 
 @contextmanager
@@ -180,33 +336,62 @@ def atomic_directory(
     """Yield a temporary directory that becomes ``out`` only if the block succeeds.
 
     ``out`` is created by one rename of a sibling temporary directory: readers never see a
-    half-written output, and an error (or interrupt) leaves no ``out`` behind. An existing
-    ``out`` is refused unless ``force``; ``protect`` lists paths (the input model) that
-    ``out`` must not be or contain.
+    half-written output, and an error, an interrupt or SIGTERM leaves no ``out`` behind and no
+    temporary. An existing ``out`` is refused unless ``force``; ``protect`` lists paths (the
+    input model) that ``out`` must not be, contain or lie inside. Paths are compared after
+    resolving symbolic links and ``..``, so no spelling of the input can be replaced. A
+    temporary left by a killed earlier write of the same ``out`` is removed first.
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> with atomic_directory(d / "out") as tmp:
+    ...     _ = (tmp / "f").write_text("x")
+    >>> sorted(p.name for p in d.iterdir())
+    ['out']
     """
-    out = Path(out).absolute()
+    out = Path(out).resolve()
     for p in protect or []:
-        p = Path(p).absolute()
-        if out == p or p.is_relative_to(out) or (out.is_relative_to(p) and p.is_dir()):
+        p = Path(p).resolve()
+        if _same_or_nested(out, p):
             raise OutputError(
-                f"refusing to write into `{out}`: it would overwrite the input `{p}`",
+                f"refusing to write `{out}`: it is, holds or lies inside the input `{p}`",
                 help="choose an output directory outside the input model",
             )
+    if Path.cwd().resolve().is_relative_to(out):
+        raise OutputError(
+            f"refusing to write `{out}`: it is or holds the current directory",
+            help="choose an output directory below the current one, or elsewhere",
+        )
     if out.exists() and not force:
         raise OutputError(f"`{out}` already exists", help="pass `--force` to replace it")
     if out.exists() and not out.is_dir():
         raise OutputError(f"`{out}` exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise OutputError(
+            f"cannot create the output `{out}`: a parent `{exc.filename}` is not a directory"
+        ) from exc
+    remove_stale_temporaries(out)
+    token = os.urandom(6).hex()
+    lock, tmp, old = _temp_names(out, token)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp.mkdir()
+        try:
+            yield tmp
+            if out.exists():
+                out.rename(old)
+                tmp.rename(out)
+                _remove_tree(old)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            _remove_tree(tmp)
+            if old.exists() and not out.exists():
+                old.rename(out)  # put the previous output back
+            raise
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)

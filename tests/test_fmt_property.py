@@ -48,10 +48,13 @@ def names(values: Any) -> st.SearchStrategy[ast.Name]:
 ints = st.integers(min_value=-3, max_value=10**12).map(lambda v: ast.Int(value=v, span=S))
 positive_ints = st.integers(min_value=1, max_value=4096).map(lambda v: ast.Int(value=v, span=S))
 
+# At most 1e299: with the unit `G` applied a number must stay finite (`1e300G` is rejected).
 finite = st.one_of(
-    st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False),
+    st.floats(min_value=0.0, max_value=1e299, allow_nan=False, allow_infinity=False),
     st.integers(min_value=0, max_value=10**6).map(float),
-    st.sampled_from([0.0, 0.25, 0.5, 1.0, 3e-4, 1e-05, 55.0, 1e15, 1e16, 123456789.125]),
+    st.sampled_from(
+        [0.0, 0.25, 0.5, 1.0, 3e-4, 1e-05, 55.0, 1e15, 1e16, 123456789.125, 5e-324, 1e299]
+    ),
 )
 numbers = st.builds(
     lambda v, u: ast.Number(value=v, unit=u, span=S), finite, st.sampled_from(UNITS)
@@ -68,7 +71,8 @@ flag = st.just(ast.Flag(span=S))
 def ranks() -> st.SearchStrategy[ast.Rank]:
     # An absolute rank is how an integer without unit is read, so it has integral value and no
     # unit; `rank = 1K` reads as a fraction (whose range the checker then rejects).
-    absolute = st.integers(min_value=0, max_value=10**6).map(
+    # Up to 10**30: an absolute rank of 1e15 and more must still be written as digits.
+    absolute = st.integers(min_value=0, max_value=10**30).map(
         lambda v: ast.Rank(kind="absolute", value=ast.Number(value=float(v), span=S), span=S)
     )
     fraction = numbers.map(lambda n: ast.Rank(kind="fraction", value=n, span=S))

@@ -5,6 +5,10 @@ mutate them: delete, insert or replace characters and whole tokens, swap or dupl
 statements, insert keywords, numbers, quotes, separators, line continuations, CR/LF and
 unusual unicode. For every mutant ``parse_statements`` and ``check`` must return (never raise),
 and every diagnostic must have a span inside the source and render with ``render_all``.
+
+``bench/frontend_fuzz.py`` goes further (generated recipes of every verb, byte-level mutations,
+``fmt`` idempotence and meaning); a bounded run of it is a test here, the full 100,000-case run
+is the benchmark.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.frontend_fuzz import run_fuzz
 from surgery import ast
 from surgery.check import check, support
 from surgery.diagnostics import Diagnostic, render_all, span_of
@@ -116,6 +121,9 @@ def _assert_front_end_is_total(source: str) -> None:
         assert d.span == span_of(source, d.span.start, d.span.end), d
     text = render_all(diags, source, "fuzz.surg")
     assert isinstance(text, str)
+    # what reaches a terminal: no raw control, separator or format character
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029\u200b\ufeff]", text), text
+    text.encode("utf-8")  # no lone surrogate
     if diags:
         assert text.count(" --> fuzz.surg:") == len(diags)
         assert text.endswith("\n")
@@ -173,7 +181,37 @@ def test_fuzz_random_token_soup(source: str) -> None:
         "group kv = 2 \\\n",
         'calibrate with "a\\',
         "expect drift <= 0.05 on",
+        # each of these crashed the front end or reached the terminal raw
+        "group kv = " + "9" * 4301,
+        "heal steps " + "0" * 5000 + "1",
+        "decompose Linear where " + "(" * 250 + "params > 1" + ")" * 250 + " rank = 1",
+        "decompose Linear where " + "not " * 500 + "params > 1 rank = 1",
+        "decompose Linear where " + "not (" * 300 + "params > 1" + ")" * 300 + " rank = 1",
+        "decomposeLinear rank=0.5",
+        "decompose Linear rank = 0.5method svd",
+        "group kv\u2028= 2",
+        "group kv = 2\u2029",
+        "\u2028\n\u00a0\n\u200b",
+        "group kv = 2 \x00 \ufeff",
+        "expect params <= 1e300G; heal steps 1 lr 1e-999",
+        "# \x0c\n\n\ngroup kv = 2 # \x0b\r\x85",
     ],
 )
 def test_edge_cases(source: str) -> None:
     _assert_front_end_is_total(source)
+
+
+def _assert_no_findings(result: dict[str, object]) -> None:
+    found = {k: result[k] for k in ("exceptions", "non_idempotent", "meaning_changed")}
+    assert found == {"exceptions": 0, "non_idempotent": 0, "meaning_changed": 0}, result["examples"]
+
+
+def test_fuzz_check_and_fmt_quick() -> None:
+    _assert_no_findings(run_fuzz(300, seed=7))
+
+
+@pytest.mark.slow
+def test_fuzz_check_and_fmt_5000() -> None:
+    """5,000 generated and mutated recipes (about 30 s): no exception, `fmt` idempotent and
+    meaning-preserving, diagnostics rendered without raw control characters."""
+    _assert_no_findings(run_fuzz(5000, seed=1))

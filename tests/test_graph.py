@@ -222,7 +222,7 @@ def test_unflattened_pt2_keeps_original_types(tmp_path: Path) -> None:
 
     path = tmp_path / "mlp.pt2"
     torch.export.save(torch.export.export(tiny_mlp(), (torch.randn(3, 8),)), str(path))
-    loaded = load_model(path)
+    loaded = load_model(path, trust_pickle=True)
     a = analyze(loaded.model, example_inputs(loaded))
     fc1 = a.modules["fc1"]
     assert (fc1.type, fc1.in_features, fc1.out_features) == ("Linear", 8, 16)

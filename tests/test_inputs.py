@@ -102,7 +102,7 @@ def test_pt2_saved_example_inputs(tmp_path: Path) -> None:
     x = torch.randn(5, 8)
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(tiny_mlp(), (x,)), str(path))
-    loaded = load_model(path)
+    loaded = load_model(path, trust_pickle=True)
     ins = example_inputs(loaded)
     assert torch.equal(ins.args[0], x)
     assert ins.call(loaded.model).shape == (5, 4)

@@ -7,13 +7,14 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from surgery.load import LoadedModel, ModelLoadError, load_model, rebuild_base, save_base_files
-from tests.helpers_models import tiny_bert, tiny_mlp
+from tests.helpers_models import tiny_bert, tiny_gpt2, tiny_mlp
 
 ARCH = "tests.helpers_models:tiny_mlp"
 
@@ -86,7 +87,9 @@ def test_pt2_program(tmp_path: Path) -> None:
     path = tmp_path / "mlp.pt2"
     torch.export.save(torch.export.export(model, (x,)), str(path))
     before = _digest(path)
-    loaded = load_model(path)
+    with pytest.raises(ModelLoadError, match="--trust-pickle"):
+        load_model(path)  # torch.export.load unpickles: see tests/test_security_load.py
+    loaded = load_model(path, trust_pickle=True)
     assert _digest(path) == before
     assert loaded.kind == "export" and loaded.base == {"kind": "export", "program": "base.pt2"}
     assert loaded.example_inputs is not None
@@ -100,7 +103,9 @@ def test_pt2_program(tmp_path: Path) -> None:
     out = tmp_path / "out"
     save_base_files(loaded, out)
     assert (out / "base.pt2").is_file()
-    rebuilt = rebuild_base(loaded.base, out)
+    with pytest.raises(ModelLoadError, match="--trust-pickle"):
+        rebuild_base(loaded.base, out)
+    rebuilt = rebuild_base(loaded.base, out, trust_pickle=True)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
 
@@ -124,7 +129,10 @@ def test_state_dict_with_arch(tmp_path: Path, suffix: str) -> None:
     x = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x))
-    assert type(rebuild_base(loaded.base, tmp_path)).__name__ == "TinyMLP"
+    with pytest.raises(ModelLoadError, match="user factory"):
+        rebuild_base(loaded.base, tmp_path)  # the recorded factory runs only on request
+    assert type(rebuild_base(loaded.base, tmp_path, trust_code=True)).__name__ == "TinyMLP"
+    assert type(rebuild_base(loaded.base, tmp_path, arch=ARCH)).__name__ == "TinyMLP"
 
 
 def test_state_dict_without_arch(tmp_path: Path) -> None:
@@ -188,8 +196,9 @@ def test_corrupt_file(tmp_path: Path, suffix: str) -> None:
     path.write_bytes(os.urandom(512))
     before = _digest(path)
     with pytest.raises(ModelLoadError) as err:
-        load_model(path, arch=ARCH)
+        load_model(path, arch=ARCH, trust_pickle=True)
     assert str(path) in str(err.value)
+    assert "weights_only" not in str(err.value)
     assert _digest(path) == before
 
 
@@ -198,7 +207,7 @@ def test_truncated_pt2(tmp_path: Path) -> None:
     torch.export.save(torch.export.export(tiny_mlp(), (torch.randn(3, 8),)), str(path))
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(ModelLoadError, match=re.escape(str(path))):
-        load_model(path)
+        load_model(path, trust_pickle=True)
 
 
 def test_unknown_suffix(tmp_path: Path) -> None:
@@ -211,3 +220,170 @@ def test_unknown_suffix(tmp_path: Path) -> None:
 def test_loaded_model_is_plain_data() -> None:
     lm = LoadedModel(model=tiny_mlp(), kind="pickle", source=Path("x.pt"), base={"kind": "pickle"})
     assert lm.model_dir is None and lm.config is None and lm.example_inputs is None
+
+
+# --- weights that do not cover the model (item 7) --------------------------------------------
+
+
+def _drop_keys(directory: Path, count: int) -> list[str]:
+    """Remove ``count`` tensors from ``directory/model.safetensors``; return their names."""
+    weights = directory / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = sorted(state)[:count]
+    for key in dropped:
+        del state[key]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return dropped
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+def test_hf_checkpoint_missing_a_key_is_an_error(tmp_path: Path, factory: Any) -> None:
+    d = tmp_path / "model"
+    factory().save_pretrained(d, safe_serialization=True)
+    assert load_model(d).kind == "hf"  # complete (GPT-2's tied `lm_head` is not missing)
+    (key,) = _drop_keys(d, 1)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(d)
+    msg = str(err.value)
+    assert f"`{key}`" in msg and "1 missing key " in msg and str(d) in msg
+    assert "randomly initialised" in msg
+    assert err.value.help is not None and "save_pretrained" in err.value.help
+
+
+def test_hf_checkpoint_missing_many_keys_names_five_and_counts(tmp_path: Path) -> None:
+    d = tmp_path / "bert"
+    tiny_bert().save_pretrained(d, safe_serialization=True)
+    dropped = _drop_keys(d, 7)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(d)
+    msg = str(err.value)
+    assert "7 missing keys" in msg and "and 2 more" in msg
+    assert sum(f"`{k}`" in msg for k in dropped) == 5
+
+
+# --- malformed surgery.json (item 14) ----------------------------------------------------------
+
+
+def _output(tmp_path: Path) -> Path:
+    """A valid output: tiny BERT with one `LowRankLinear`, rebuilt without any opt-in."""
+    from surgery.modules import LowRankLinear
+    from surgery.save import write_model
+
+    model = tiny_bert()
+    model.encoder.layer[0].intermediate.dense = LowRankLinear(32, 64, rank=4)
+    out = tmp_path / "out"
+    write_model(model, {"kind": "hf", "class": "BertModel"}, out)
+    return out
+
+
+def _edit(manifest: dict[str, Any], change: str) -> Any:
+    record = manifest["modules"][0]
+    edits: dict[str, Any] = {
+        "not an object": lambda: [manifest],
+        "missing base": lambda: manifest.pop("base"),
+        "base not an object": lambda: manifest.update(base="factory"),
+        "unknown base kind": lambda: manifest["base"].update(kind="magic"),
+        "factory without arch": lambda: manifest.update(base={"kind": "factory"}),
+        "factory arch not a string": lambda: manifest.update(
+            base={"kind": "factory", "arch": ["os", "abort"]}
+        ),
+        "hf config not an object": lambda: manifest["base"].update(config=3),
+        "hf class not a string": lambda: manifest["base"].update({"class": None}),
+        "hf unknown model type": lambda: manifest["base"]["config"].update(model_type="nope"),
+        "export program outside": lambda: manifest.update(
+            base={"kind": "export", "program": "../evil.pt2"}
+        ),
+        "export program absolute": lambda: manifest.update(
+            base={"kind": "export", "program": "/tmp/evil.pt2"}
+        ),
+        "wrong format": lambda: manifest.update(format="surgery/99"),
+        "modules not a list": lambda: manifest.update(modules={"fc1": record}),
+        "record not an object": lambda: manifest.update(modules=["fc1"]),
+        "record missing spec": lambda: record.pop("spec"),
+        "record spec not an object": lambda: record.update(spec=[8, 16, 2]),
+        "record missing path": lambda: record.pop("path"),
+        "record unknown class": lambda: record.update({"class": "NoSuchModule"}),
+        "record bad spec keys": lambda: record.update(spec={"nope": 1}),
+        "record bad spec values": lambda: record["spec"].update(rank=-3),
+        "record path not in model": lambda: record.update(path="no.such.module"),
+        "dtype Tensor": lambda: manifest.update(dtype="Tensor"),
+        "dtype foo": lambda: manifest.update(dtype="foo"),
+        "dtype number": lambda: manifest.update(dtype=123),
+        "dtype integer": lambda: manifest.update(dtype="int64"),
+        "dtype null": lambda: manifest.update(dtype=None),
+    }
+    result = edits[change]()
+    return result if change == "not an object" else manifest
+
+
+MALFORMED = [
+    "not an object",
+    "missing base",
+    "base not an object",
+    "unknown base kind",
+    "factory without arch",
+    "factory arch not a string",
+    "hf config not an object",
+    "hf class not a string",
+    "hf unknown model type",
+    "export program outside",
+    "export program absolute",
+    "wrong format",
+    "modules not a list",
+    "record not an object",
+    "record missing spec",
+    "record spec not an object",
+    "record missing path",
+    "record unknown class",
+    "record bad spec keys",
+    "record bad spec values",
+    "record path not in model",
+    "dtype Tensor",
+    "dtype foo",
+    "dtype number",
+    "dtype integer",
+    "dtype null",
+]
+
+
+@pytest.mark.parametrize("change", MALFORMED)
+def test_malformed_manifest_is_a_load_error(tmp_path: Path, change: str) -> None:
+    from surgery.save import load
+
+    out = _output(tmp_path)
+    dense = load(out).encoder.layer[0].intermediate.dense
+    assert type(dense).__name__ == "LowRankLinear"  # valid as written
+    manifest_path = out / "surgery.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(_edit(manifest, change)))
+    with pytest.raises(ModelLoadError) as err:  # never KeyError / TypeError / AttributeError
+        load(out)
+    msg = str(err.value)
+    assert str(out) in msg or "transformers" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("text", ["{", "", "\xff\xfe", "[" * 100_000])
+def test_unreadable_manifest_is_a_load_error(tmp_path: Path, text: str) -> None:
+    from surgery.save import load
+
+    out = _output(tmp_path)
+    (out / "surgery.json").write_text(text, encoding="latin-1")
+    with pytest.raises(ModelLoadError, match="is not valid JSON"):
+        load(out)
+
+
+def test_bad_dtype_message_names_the_value(tmp_path: Path) -> None:
+    from surgery.save import load
+
+    out = _output(tmp_path)
+    manifest = json.loads((out / "surgery.json").read_text())
+    manifest["dtype"] = "Tensor"
+    (out / "surgery.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="`dtype` `Tensor`, which is not a floating-point"):
+        load(out)
+
+
+def test_arch_is_refused_for_a_base_that_is_not_a_factory(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="only to an output built from a user factory"):
+        rebuild_base({"kind": "hf", "class": "BertModel", "config": {}}, tmp_path, arch=ARCH)
