@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from surgery.targets import DEFAULT_DEVICE, EXPECT_ON, TARGET_SUPPORT
+
 from .base import (
     Backend,
     BackendUnavailable,
@@ -63,31 +65,6 @@ __all__ = [
     "run_targets",
     "verify",
 ]
-
-# The device a bare `target B` means.
-DEFAULT_DEVICE: dict[str, str] = {"torch": "cpu", "onnx": "cpu", "tvm": "llvm", "mindir": "cpu"}
-
-# Implemented `target` statements, in the format of `MANAGER_SUPPORT["target"][0]`: what the
-# code implements, not what this machine has (an unavailable device is skipped with a reason
-# at run time). `trials` is accepted for every backend and used by `tvm` only. `mindir ascend`
-# is left out: nothing here can run or time an Ascend NPU.
-TARGET_SUPPORT: dict[str, set[str] | None] = {
-    "backend": {"torch", "onnx", "tvm", "mindir"},
-    "device": {
-        "torch cpu",
-        "torch cuda",
-        "torch inductor",
-        "onnx cpu",
-        "onnx cuda",
-        "tvm llvm",
-        "tvm cuda",
-        "mindir cpu",
-    },
-    "trials": None,
-}
-
-# Backends `expect speedup … on B` can name (the values of `MANAGER_SUPPORT["expect"]["on"]`).
-EXPECT_ON: set[str] = {"torch", "onnx", "tvm", "mindir"}
 
 Progress = Callable[[str, int, int], None]
 TargetSpec = tuple[str, "str | None", "int | None"]  # (backend, device, trials) of `target`

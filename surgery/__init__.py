@@ -14,13 +14,54 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+# The language half imports no torch and is loaded now; the model half (load, manager, save)
+# on first use (PEP 562), so `surgery check` and `surgery fmt` can back an editor.
 from surgery.check import check
 from surgery.diagnostics import Diagnostic, DiagnosticError
 from surgery.fmt import format_recipe, format_source
-from surgery.load import LoadedModel, ModelLoadError, load_model
-from surgery.manager import Manager, Run
 from surgery.parse import parse
-from surgery.save import load, write_model
+
+if TYPE_CHECKING:
+    from surgery.load import LoadedModel, ModelLoadError, load_model
+    from surgery.manager import Manager, Run
+    from surgery.save import load, write_model
+
+_LAZY = {
+    "LoadedModel": "surgery.load",
+    "Manager": "surgery.manager",
+    "ModelLoadError": "surgery.load",
+    "Run": "surgery.manager",
+    "load": "surgery.save",
+    "load_model": "surgery.load",
+    "write_model": "surgery.save",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+class _Package(ModuleType):
+    """Keeps ``surgery.load`` the function: importing the submodule ``surgery.load`` (which
+    the function's own module does) would otherwise rebind the package attribute to it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "Diagnostic",

@@ -15,16 +15,12 @@ from collections.abc import Iterable
 
 from surgery import ast
 from surgery.diagnostics import Diagnostic, clip, collector_paused, nearest
+from surgery.support import SUPPORT
+from surgery.targets import BACKENDS
 
 __all__ = ["BACKENDS", "COUNT_LIMITS", "LANGUAGE", "Support", "check", "support"]
 
 # What the language allows where a NAME stands (the grammar accepts any name there).
-BACKENDS: dict[str, tuple[str, ...]] = {
-    "torch": ("cpu", "cuda", "inductor"),
-    "onnx": ("cpu", "cuda"),
-    "tvm": ("llvm", "cuda"),
-    "mindir": ("cpu", "ascend"),
-}
 LANGUAGE: dict[str, dict[str, tuple[str, ...]]] = {
     "decompose": {
         "type": ("Linear", "Conv1D", "Conv2d"),
@@ -76,15 +72,10 @@ class Support:
 
 
 def support() -> Support:
-    """The support table of this build: the registered passes plus the manager's own verbs."""
-    from surgery.manager import MANAGER_SUPPORT
-    from surgery.passes import PASSES
-
+    """The support table of this build (`surgery.support`: passes and the manager's verbs)."""
     table = Support()
-    for verb, (options, types) in MANAGER_SUPPORT.items():
+    for verb, (options, types) in SUPPORT.items():
         table.add(verb, options, types)
-    for cls in PASSES.values():
-        table.add(cls.keyword, cls.implemented_options, cls.supported_types)
     return table
 
 

@@ -63,6 +63,7 @@ from surgery import ast
 from surgery.inputs import Inputs
 from surgery.metrics import float_outputs, padding_mask, squared_error
 from surgery.passes.base import PassContext, TrainingHook
+from surgery.support import RUN_VERBS
 
 __all__ = ["DEFAULT_LR", "HEAL_SUPPORT", "HealReport", "frozen_names", "heal"]
 
@@ -71,14 +72,10 @@ DEFAULT_LR = 1e-4
 #: Gradient-norm clip: one bad batch must not undo a decomposition.
 GRAD_CLIP = 1.0
 
-#: What the manager carries out for ``heal`` and ``freeze``: verb -> (options, types),
-#: in the format of ``surgery.manager.MANAGER_SUPPORT``.
+#: What the manager carries out for ``heal`` and ``freeze``: verb -> (options, types), from
+#: the one support table ``surgery.support``.
 HEAL_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] = {
-    "heal": (
-        {"lr": None, "distill": None, "subset": None, "by": {"importance"}, "every": None},
-        (),
-    ),
-    "freeze": ({"what": {"first-factor", "core", "alternate"}}, ()),
+    verb: RUN_VERBS[verb] for verb in ("heal", "freeze")
 }
 
 

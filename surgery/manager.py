@@ -38,10 +38,8 @@ import torch
 from torch import nn
 
 from surgery import ast
-from surgery.backends import EXPECT_ON, TARGET_SUPPORT
 from surgery.diagnostics import Diagnostic, first_line
 from surgery.facts import Analysis
-from surgery.heal import HEAL_SUPPORT
 from surgery.inputs import InputError, Inputs, calibration_inputs, example_inputs, flatten_outputs
 from surgery.load import LoadedModel
 from surgery.metrics import drift, padding_mask
@@ -56,18 +54,13 @@ from surgery.passes import (
     pass_for,
 )
 from surgery.select import nearest_paths
+from surgery.support import RUN_VERBS
 from surgery.timing import Speedup, measure_speedup
 
 __all__ = ["MANAGER_SUPPORT", "Contract", "Manager", "Run", "Step", "drift"]
 
 # Statements the manager itself carries out: verb -> (implemented options, types).
-MANAGER_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] = {
-    "calibrate": ({"samples": None, "batch": None}, ()),
-    "target": (dict(TARGET_SUPPORT), ()),
-    "expect": ({"metric": {"params", "flops", "drift", "speedup"}, "on": set(EXPECT_ON)}, ()),
-    "regularize": ({"every": None}, ()),
-    **HEAL_SUPPORT,
-}
+MANAGER_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] = dict(RUN_VERBS)
 
 Progress = Callable[[str, int, int], None]
 

@@ -23,6 +23,7 @@ import functools
 import math
 import re
 import unicodedata
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -296,6 +297,44 @@ _UNIT_SCALE = {"": 1.0, "%": 0.01, "K": 1e3, "M": 1e6, "G": 1e9}
 _VALUE_KEYWORD_RULES = frozenset({"field", "metric", "sublayer", "combine", "budget_resource"})
 
 
+_SPAN_FIELDS = frozenset(ast.Span.model_fields)
+
+
+def _construct_span(fields: dict[str, int]) -> ast.Span:
+    """A :class:`~surgery.ast.Span` from its six (int) fields, as ``Span(**fields)`` builds it
+    but without pydantic's validation (``model_construct`` is slower than validating)."""
+    span = object.__new__(ast.Span)
+    object.__setattr__(span, "__dict__", fields)
+    object.__setattr__(span, "__pydantic_fields_set__", set(_SPAN_FIELDS))
+    object.__setattr__(span, "__pydantic_extra__", None)
+    object.__setattr__(span, "__pydantic_private__", None)
+    return span
+
+
+def _span_constructor() -> Any:
+    """:func:`_construct_span` where it builds exactly what pydantic builds, else ``Span``."""
+    fields = {"start": 1, "end": 2, "line": 3, "col": 4, "end_line": 5, "end_col": 6}
+    made, real = _construct_span(dict(fields)), ast.Span(**fields)
+    attrs = ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
+    same = all(getattr(made, a, 0) == getattr(real, a, 1) for a in attrs)
+    return _construct_span if same and made == real else lambda f: ast.Span(**f)
+
+
+_new_span = _span_constructor()
+
+
+class _Methods(dict[str, Any]):
+    """Rule name -> bound builder method, looked up once per builder."""
+
+    def __init__(self, build: _Build) -> None:
+        super().__init__()
+        self.build = build
+
+    def __missing__(self, key: str) -> Any:
+        method = self[key] = getattr(self.build, key)
+        return method
+
+
 class _Build:
     """Lark tree of one statement -> AST node. Positions are shifted by the statement offset.
 
@@ -309,6 +348,7 @@ class _Build:
         self.source = source
         self.offset = offset
         self.index = index or LineIndex(source)
+        self.methods = _Methods(self)
 
     def transform(self, tree: Tree[Token]) -> Any:
         keywords = _keyword_types()
@@ -342,11 +382,31 @@ class _Build:
 
     # spans; `meta` is the (start, end) of the node in the statement
     def _span(self, meta: tuple[int, int]) -> ast.Span:
-        return self.index.span(self.offset + meta[0], self.offset + meta[1])
+        return self._located(self.offset + meta[0], self.offset + meta[1])
 
     def _tspan(self, tok: Token) -> ast.Span:
         assert tok.start_pos is not None and tok.end_pos is not None
-        return self.index.span(self.offset + tok.start_pos, self.offset + tok.end_pos)
+        return self._located(self.offset + tok.start_pos, self.offset + tok.end_pos)
+
+    def _located(self, start: int, end: int) -> ast.Span:
+        """``self.index.span(start, end)``, without validating the six integers it computes."""
+        index = self.index
+        n = len(index.source)
+        start = max(0, min(start, n))
+        end = max(start, min(end, n))
+        starts = index.starts
+        line = bisect_right(starts, start)
+        end_line = bisect_right(starts, end)
+        return _new_span(
+            {
+                "start": start,
+                "end": end,
+                "line": line,
+                "col": start - starts[line - 1] + 1,
+                "end_line": end_line,
+                "end_col": end - starts[end_line - 1] + 1,
+            }
+        )
 
     def _fail(self, code: str, message: str, span: ast.Span, help: str | None = None) -> _Fail:
         return _Fail(Diagnostic(code=code, message=message, span=span, help=help))
@@ -836,6 +896,244 @@ def _one_of(items: list[str]) -> str:
     return "one of " + ", ".join(items[:-1]) + " or " + items[-1]
 
 
+# --- the fast path ---------------------------------------------------------------------
+#
+# Lark's parser spends most of its time per token in generic code (a lexer thread, a
+# post-lexer generator, ``Token`` objects, ``feed_token``, a ``Tree`` per reduction) and
+# :class:`_Build` walks the finished tree once more. For a statement that parses, the loop
+# below does the same work from Lark's own tables -- the per-state scanners of the contextual
+# lexer (with their keyword callbacks) and the LALR action table -- and calls the builder at
+# each reduction, with the children Lark's tree builder would have given the node. Anything
+# unusual (a character no terminal matches, a syntax error, glued words, deep nesting, a
+# builder error) abandons it, and the statement is parsed again by :meth:`Lark.parse` and
+# :class:`_Build`, which produce the diagnostic exactly as before.
+
+
+class _Fallback(Exception):
+    """The fast path cannot handle this statement: parse it the ordinary way."""
+
+
+class _Tok:
+    """A token on the fast path: what the builder reads of a Lark ``Token``."""
+
+    __slots__ = ("end_pos", "start_pos", "type", "value")
+
+    def __init__(self, type_: str, value: str, start: int, end: int) -> None:
+        self.type = type_
+        self.value = value
+        self.start_pos = start
+        self.end_pos = end
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Per parser state: (scanner regex, ignored terminal types, keyword map for NAME-like types).
+_Scanner = tuple[Any, frozenset[str], dict[str, dict[str, str]]]
+# Per rule: (length of the expansion, (index, splice) of kept children or None, expand a
+# single child, name of the node (alias or rule), node is spliced into its parent, keep
+# keyword tokens, the origin's name).
+_RuleInfo = tuple[int, Any, bool, str, bool, bool, str]
+
+
+@dataclass(frozen=True)
+class _Tables:
+    scanners: dict[int, _Scanner]
+    actions: dict[int, dict[str, tuple[bool, Any]]]
+    rules: dict[Any, _RuleInfo]
+    start: int
+    end: int
+    keywords: frozenset[str]
+
+
+@functools.lru_cache(maxsize=1)
+def _tables() -> _Tables | None:
+    """Lark's lexer and parser tables, in the shape the fast path reads; None where the parser
+    uses a feature the fast path does not reproduce (then every statement takes Lark's path)."""
+    from lark.lexer import ContextualLexer, UnlessCallback
+    from lark.parsers.lalr_analysis import Shift
+
+    lark = parser()
+    try:
+        contextual = lark.parser.lexer.lexer  # type: ignore[union-attr]
+        table = lark.parser.parser.parser.parse_table  # type: ignore[union-attr]
+    except AttributeError:  # pragma: no cover - another Lark layout
+        return None
+    if not isinstance(contextual, ContextualLexer) or lark.parser.lexer_conf.callbacks:
+        return None  # pragma: no cover
+    scanners: dict[int, _Scanner] = {}
+    built: dict[int, _Scanner] = {}
+    for state, basic in contextual.lexers.items():
+        if id(basic) not in built:
+            scanner = basic.scanner  # type: ignore[attr-defined]
+            if len(scanner._mres) != 1 or basic.g_regex_flags:  # type: ignore[attr-defined]
+                return None  # pragma: no cover
+            unless: dict[str, dict[str, str]] = {}
+            for type_, callback in basic.callback.items():  # type: ignore[attr-defined]
+                if not isinstance(callback, UnlessCallback):
+                    return None  # pragma: no cover
+                words = {}
+                for term in callback.scanner.terminals:
+                    if not isinstance(term.pattern, PatternStr) or term.pattern.flags:
+                        return None  # pragma: no cover
+                    words[term.pattern.value] = term.name
+                unless[type_] = words
+            built[id(basic)] = (scanner._mres[0], frozenset(basic.ignore_types), unless)  # type: ignore[attr-defined]
+        scanners[state] = built[id(basic)]
+    actions = {
+        # Lark's keys are Tokens, whose __eq__ is Python code: plain strings hash alike
+        state: {str(name): (action is Shift, arg) for name, (action, arg) in row.items()}
+        for state, row in table.states.items()
+    }
+    rules: dict[Any, _RuleInfo] = {}
+    for rule in lark.rules:
+        options = rule.options
+        if options.template_source is not None or options.empty_indices:
+            return None  # pragma: no cover
+        include = [
+            (i, not sym.is_term and sym.name.startswith("_"))
+            for i, sym in enumerate(rule.expansion)
+        ]
+        if not options.keep_all_tokens:  # pragma: no cover - the parser keeps every token
+            return None
+        data = rule.alias or rule.origin.name
+        rules[rule] = (
+            len(rule.expansion),
+            include if any(splice for _, splice in include) else None,
+            bool(options.expand1 and not rule.alias),
+            data,
+            data.startswith("_"),
+            data in _VALUE_KEYWORD_RULES,
+            str(rule.origin.name),
+        )
+    return _Tables(
+        scanners=scanners,
+        actions=actions,
+        rules=rules,
+        start=table.start_states["statement"],
+        end=table.end_states["statement"],
+        keywords=_keyword_types(),
+    )
+
+
+def _fast_statement(tables: _Tables, chunk: str, build: _Build) -> Any:
+    """The AST node of one statement (``chunk``), or :class:`_Fallback`.
+
+    Each stack entry is ``(value, start, end, is_keyword)``; a node that its parent splices
+    in (Lark's ``_rule``) is ``(children, 0, 0, None)``.
+    """
+    scanners = tables.scanners
+    actions = tables.actions
+    rules = tables.rules
+    keywords = tables.keywords
+    methods = build.methods
+    end_state = tables.end
+    states = [tables.start]
+    stack: list[tuple[Any, int, int, Any]] = []
+    n = len(chunk)
+    pos = 0
+    # _Words: glued words and nesting
+    prev_end = -1
+    prev_word_end = False
+    nots = [0]
+    depth = 0
+    word_char = _is_word_char
+    while True:
+        state = states[-1]
+        if pos < n:
+            mre, ignore, unless = scanners[state]
+            while True:
+                m = mre.match(chunk, pos)
+                if m is None:
+                    raise _Fallback
+                type_ = m.lastgroup
+                if type_ in ignore:
+                    pos = m.end()
+                    if pos < n:
+                        continue
+                    type_ = None
+                break
+        else:
+            type_ = None
+        if type_ is None:
+            type_ = "$END"
+            tok: Any = None
+            start = end = pos
+        else:
+            value = m.group()
+            start = pos
+            end = pos = m.end()
+            if type_ in unless:
+                type_ = unless[type_].get(value, type_)
+            if prev_word_end and prev_end == start and word_char(value[:1]):
+                raise _Fallback
+            prev_end = end
+            prev_word_end = word_char(value[-1:])
+            if type_ not in _VALUE_TERMINALS:
+                if value == "(" or value == "not":
+                    if value == "(":
+                        nots.append(0)
+                    else:
+                        nots[-1] += 1
+                    depth += 1
+                    if depth > MAX_NESTING:
+                        raise _Fallback
+                elif value == ")" and len(nots) > 1:
+                    depth -= 1 + nots.pop() + nots[-1]
+                    nots[-1] = 0
+                elif value == "and" or value == "or":
+                    depth -= nots[-1]
+                    nots[-1] = 0
+            tok = _Tok(type_, value, start, end)
+        while True:
+            action = actions[state].get(type_)
+            if action is None:
+                raise _Fallback
+            shift, arg = action
+            if shift:
+                if tok is None:
+                    raise _Fallback  # pragma: no cover - Lark asserts this never happens
+                states.append(arg)
+                stack.append((tok, start, end, type_ in keywords))
+                break
+            size, include, expand1, data, splice, keep, origin = rules[arg]
+            if size:
+                children = stack[-size:]
+                del stack[-size:]
+                del states[-size:]
+            else:
+                children = []
+            if include is not None:
+                kept: list[Any] = []
+                for i, inline in include:
+                    if inline:
+                        kept += children[i][0]
+                    else:
+                        kept.append(children[i])
+                children = kept
+            if splice:
+                entry: tuple[Any, int, int, Any] = (children, 0, 0, None)
+            elif expand1 and len(children) == 1:
+                entry = children[0]
+            else:
+                first = children[0][1]
+                last = children[-1][2]
+                if keep:
+                    values = [c[0] for c in children]
+                else:
+                    values = [c[0] for c in children if not c[3]]
+                try:
+                    entry = (methods[data]((first, last), values), first, last, False)
+                except Exception:  # _Fail, or a message the builder writes for Lark's tokens
+                    raise _Fallback from None
+            action = actions[states[-1]][origin]
+            states.append(action[1])
+            stack.append(entry)
+            state = states[-1]
+            if tok is None and state == end_state:
+                return entry[0]
+
+
 # --- entry points ----------------------------------------------------------------------
 
 
@@ -850,9 +1148,18 @@ def _parse_statements(source: str) -> tuple[list[ast.Statement], list[Diagnostic
     diagnostics: list[Diagnostic] = []
     lark = parser()
     index = line_index(source)
+    tables = _tables()
+    build = _Build(source, 0, index)
     for start, end in _statement_ranges(source):
         chunk = source[start:end]
         try:
+            if tables is not None:
+                build.offset = start
+                try:
+                    statements.append(_fast_statement(tables, chunk, build))
+                    continue
+                except _Fallback:
+                    pass
             tree = lark.parse(chunk, start="statement")
             statements.append(_Build(source, start, index).transform(tree))
         except UnexpectedInput as err:

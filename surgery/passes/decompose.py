@@ -96,6 +96,7 @@ from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.passes.base import Change, PassContext, PassError, PlanRow, StepPlan, SurgeryPass
 from surgery.select import select, type_names, uses_speedup
+from surgery.support import PASS_VERBS
 
 if TYPE_CHECKING:
     from surgery.backends import Backend
@@ -360,17 +361,8 @@ class DecomposePass(SurgeryPass):
 
     keyword: ClassVar[str] = "decompose"
     statement_type = ast.Decompose
-    supported_types: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Conv2d")
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {
-        "rank": {"fraction", "absolute", "energy"},
-        "method": {"svd", "asvd", "svd-llm", "tucker"},
-        "round": None,
-        "progressive": None,
-        "budget": None,
-        "budget by": {"sensitivity"},
-        "keep_if_faster": None,
-        "where speedup": None,
-    }
+    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["decompose"].types
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["decompose"].options
     #: While :meth:`run` streams: the change made for each layer replaced during planning.
     _streamed: dict[str, Change] | None = None
 

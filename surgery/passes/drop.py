@@ -42,6 +42,7 @@ from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.modules.identity import IdentitySublayer
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.support import PASS_VERBS
 from surgery.transformer_arch import (
     Sublayer,
     attention_of_block,
@@ -136,10 +137,7 @@ class DropPass(SurgeryPass):
 
     keyword: ClassVar[str] = "drop"
     statement_type: ClassVar[type[ast.Node]] = ast.Drop
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {
-        "sublayer": {"attention", "mlp"},
-        "by": {"similarity"},
-    }
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["drop"].options
 
     def _batches(self, model: nn.Module) -> list[Any]:
         ctx = self.ensure_context(model)

@@ -34,6 +34,7 @@ from surgery.diagnostics import Diagnostic
 from surgery.modules.sparse import DenseSparseLinear
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass, TrainingHook
 from surgery.select import select
+from surgery.support import PASS_VERBS
 
 __all__ = ["FactorizePass", "RefreshMasks"]
 
@@ -58,12 +59,8 @@ class FactorizePass(SurgeryPass):
 
     keyword: ClassVar[str] = "factorize"
     statement_type = ast.Factorize
-    supported_types: ClassVar[tuple[str, ...]] = ("Linear",)
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {
-        "method": set(METHODS),
-        "basis": None,
-        "nonzeros": None,
-    }
+    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["factorize"].types
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["factorize"].options
 
     def _check(self) -> tuple[int, int]:
         stmt = cast(ast.Factorize, self.statement)

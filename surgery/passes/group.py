@@ -50,6 +50,7 @@ from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.modules.attention import GroupedAttention, pairing, pool_heads
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.support import PASS_VERBS
 from surgery.transformer_arch import (
     AttentionSite,
     attention_sites,
@@ -189,7 +190,7 @@ class GroupPass(SurgeryPass):
 
     keyword: ClassVar[str] = "group"
     statement_type: ClassVar[type[ast.Node]] = ast.Group
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {"q": None, "kv": None}
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["group"].options
 
     def _error(self, field: ast.Int, site: AttentionSite, what: str, current: int) -> PassError:
         valid = divisors(current)

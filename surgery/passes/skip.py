@@ -36,6 +36,7 @@ from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.modules.token_skip import TokenSkipLayers, keep_count
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.support import PASS_VERBS
 from surgery.transformer_arch import block_list, get_module, has_cls_token, set_module
 
 __all__ = ["SkipPass"]
@@ -46,11 +47,7 @@ class SkipPass(SurgeryPass):
 
     keyword: ClassVar[str] = "skip"
     statement_type: ClassVar[type[ast.Node]] = ast.SkipTokens
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {
-        "ratio": None,
-        "after": None,
-        "until": None,
-    }
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["skip"].options
 
     def plan(self, model: nn.Module) -> StepPlan:
         ctx = self.ensure_context(model)

@@ -32,6 +32,7 @@ from surgery.diagnostics import Diagnostic
 from surgery.modules.sparse import SparseLinear
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass, TrainingHook
 from surgery.select import select
+from surgery.support import PASS_VERBS
 
 __all__ = ["KeepMasks", "SparsifyPass", "input_norms"]
 
@@ -92,8 +93,8 @@ class SparsifyPass(SurgeryPass):
 
     keyword: ClassVar[str] = "sparsify"
     statement_type = ast.Sparsify
-    supported_types: ClassVar[tuple[str, ...]] = ("Linear",)
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {"n": None, "m": None}
+    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["sparsify"].types
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["sparsify"].options
 
     def plan(self, model: nn.Module) -> StepPlan:
         context = self.ensure_context(model)

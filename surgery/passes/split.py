@@ -50,6 +50,7 @@ from surgery.modules.conv3d import (
 )
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
 from surgery.select import select
+from surgery.support import PASS_VERBS
 
 __all__ = ["SplitPass", "conv2plus1d_flops", "conv3d_flops"]
 
@@ -100,12 +101,8 @@ class SplitPass(SurgeryPass):
 
     keyword: ClassVar[str] = "split"
     statement_type = ast.Split
-    supported_types: ClassVar[tuple[str, ...]] = ("Conv3d",)
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {
-        "mode": set(MODES),
-        "combine": set(COMBINES),
-        "rank": {"fraction", "absolute", "energy"},
-    }
+    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["split"].types
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["split"].options
 
     def _error(
         self, message: str, span: ast.Span | None = None, help: str | None = None

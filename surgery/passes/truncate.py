@@ -24,6 +24,7 @@ from torch import nn
 from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.support import PASS_VERBS
 from surgery.transformer_arch import block_list, find_hf_config, get_module, set_module
 
 __all__ = ["TruncatePass", "truncation_indices"]
@@ -50,11 +51,7 @@ class TruncatePass(SurgeryPass):
 
     keyword: ClassVar[str] = "truncate"
     statement_type: ClassVar[type[ast.Node]] = ast.Truncate
-    implemented_options: ClassVar[dict[str, set[str] | None]] = {
-        "keep": None,
-        "strategy": set(STRATEGIES),
-        "indices": None,
-    }
+    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["truncate"].options
 
     def _fail(self, code: str, message: str, node: ast.Node, help: str) -> PassError:
         return PassError(Diagnostic(code=code, message=message, span=node.span, help=help))
