@@ -226,7 +226,11 @@ def _both_paths(source: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]
     def dump() -> str:
         statements, diags = parse_statements(source)
         return "\n".join(
-            [*(s.model_dump_json() for s in statements), repr(diags), render_all(diags, source, "r")]
+            [
+                *(s.model_dump_json() for s in statements),
+                repr(diags),
+                render_all(diags, source, "r"),
+            ]
         )
 
     fast = dump()
