@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.surgery-demo-installed
 STAMP := $(VENV)/.surgery-installed
 OUT ?= out/minilm-lowrank
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(VENV)/.torch-installed:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+# Everything but the tests marked slow (real models end to end, long fuzz runs, signals).
+test-fast: lint
+	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
