@@ -1106,7 +1106,12 @@ def _fast_statement(tables: _Tables, chunk: str, build: _Build) -> Any:
             if include is not None:
                 kept: list[Any] = []
                 for i, inline in include:
-                    if inline:
+                    if inline and not kept:
+                        # Take over the spliced list instead of copying it (Lark's own
+                        # ChildFilterLALR does the same): a left-recursive repetition such as
+                        # an `and` chain grows one list, so a chain stays linear, not quadratic.
+                        kept = children[i][0]
+                    elif inline:
                         kept += children[i][0]
                     else:
                         kept.append(children[i])
