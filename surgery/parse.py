@@ -120,6 +120,36 @@ def _is_word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
 
 
+class _Nesting:
+    """How deep a selector nests, a word at a time: each `(` and each `not` awaiting its
+    operand is one level. Shared by Lark's post-lexer and the fast path, so both bound it alike.
+    """
+
+    __slots__ = ("depth", "nots")
+
+    def __init__(self) -> None:
+        self.nots = [0]  # per open parenthesis (and the top level): `not`s awaiting their operand
+        self.depth = 0
+
+    def too_deep(self, word: str) -> bool:
+        """Account for ``word`` (a keyword or punctuation); True past :data:`MAX_NESTING`."""
+        nots = self.nots
+        if word == "(" or word == "not":
+            if word == "(":
+                nots.append(0)
+            else:
+                nots[-1] += 1
+            self.depth += 1
+            return self.depth > MAX_NESTING
+        if word == ")" and len(nots) > 1:  # the group is the operand of pending `not`s
+            self.depth -= 1 + nots.pop() + nots[-1]
+            nots[-1] = 0
+        elif word == "and" or word == "or":
+            self.depth -= nots[-1]
+            nots[-1] = 0
+        return False
+
+
 class _Words(PostLex):
     """Between lexer and parser: words stay whole, and nesting stays bounded.
 
@@ -138,8 +168,7 @@ class _Words(PostLex):
 
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         prev: Token | None = None
-        nots = [0]  # per open parenthesis (and the top level): `not`s awaiting their operand
-        depth = 0
+        nesting = _Nesting()
         for tok in stream:
             if (
                 prev is not None
@@ -148,21 +177,8 @@ class _Words(PostLex):
                 and _is_word_char(tok.value[:1])
             ):
                 raise _LexProblem("glued", prev, tok)
-            word = tok.value if tok.type not in _VALUE_TERMINALS else None
-            if word == "(" or word == "not":
-                if word == "(":
-                    nots.append(0)
-                else:
-                    nots[-1] += 1
-                depth += 1
-                if depth > MAX_NESTING:
-                    raise _LexProblem("nesting", tok, tok)
-            elif word == ")" and len(nots) > 1:  # the group is the operand of pending `not`s
-                depth -= 1 + nots.pop() + nots[-1]
-                nots[-1] = 0
-            elif word in ("and", "or"):
-                depth -= nots[-1]
-                nots[-1] = 0
+            if tok.type not in _VALUE_TERMINALS and nesting.too_deep(tok.value):
+                raise _LexProblem("nesting", tok, tok)
             prev = tok
             yield tok
 
@@ -1035,8 +1051,7 @@ def _fast_statement(tables: _Tables, chunk: str, build: _Build) -> Any:
     # _Words: glued words and nesting
     prev_end = -1
     prev_word_end = False
-    nots = [0]
-    depth = 0
+    too_deep = _Nesting().too_deep
     word_char = _is_word_char
     while True:
         state = states[-1]
@@ -1069,21 +1084,8 @@ def _fast_statement(tables: _Tables, chunk: str, build: _Build) -> Any:
                 raise _Fallback
             prev_end = end
             prev_word_end = word_char(value[-1:])
-            if type_ not in _VALUE_TERMINALS:
-                if value == "(" or value == "not":
-                    if value == "(":
-                        nots.append(0)
-                    else:
-                        nots[-1] += 1
-                    depth += 1
-                    if depth > MAX_NESTING:
-                        raise _Fallback
-                elif value == ")" and len(nots) > 1:
-                    depth -= 1 + nots.pop() + nots[-1]
-                    nots[-1] = 0
-                elif value == "and" or value == "or":
-                    depth -= nots[-1]
-                    nots[-1] = 0
+            if type_ not in _VALUE_TERMINALS and too_deep(value):
+                raise _Fallback
             tok = _Tok(type_, value, start, end)
         while True:
             action = actions[state].get(type_)
