@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from surgery.targets import DEFAULT_DEVICE, EXPECT_ON, TARGET_SUPPORT
 
 from .base import (
@@ -46,7 +48,7 @@ from .base import (
 from .verify import Verification, relative_error, verify
 
 if TYPE_CHECKING:
-    from surgery.manager import Run
+    from surgery.inputs import Inputs
 
 __all__ = [
     "DEFAULT_DEVICE",
@@ -96,7 +98,7 @@ def get_backend(backend: str, device: str | None = None, trials: int | None = No
         assert device is not None
         return OnnxBackend(device)
     if backend == "mindir":
-        from .mindir_backend import MindirBackend
+        from .mindir import MindirBackend
 
         assert device is not None
         return MindirBackend(device)
@@ -107,7 +109,9 @@ def get_backend(backend: str, device: str | None = None, trials: int | None = No
 
 
 def run_targets(
-    run: Run,
+    original: nn.Module,
+    model: nn.Module,
+    inputs: Inputs,
     targets: Sequence[TargetSpec],
     workdir: Path,
     *,
@@ -116,19 +120,18 @@ def run_targets(
     tolerance: float = 1e-4,
     progress: Progress | None = None,
 ) -> list[Verification]:
-    """Verify ``run.model`` against ``run.original`` on each target, in order.
+    """Verify ``model`` (surgered) against ``original`` on each target, in order.
 
     A ``mindir`` target also gets an Ascend roofline estimate (``Verification.estimate``,
     :mod:`surgery.backends.ascend_estimate`), since no Ascend device can be timed here.
 
     ``targets`` are ``(backend, device or None, trials or None)`` from the recipe's
-    ``target`` statements (or the CLI). The timing inputs are the manager's:
-    ``run.calibration[0]`` (else ``run.example``). Artifacts of the surgered model land in
+    ``target`` statements (or the CLI); ``inputs`` are what both are timed on (the manager
+    passes its first calibration batch, else the example inputs). Artifacts of the surgered model land in
     ``workdir / <backend name>`` (e.g. ``OUT/lowered/onnx-cpu/model.onnx``). Duplicate
     targets are verified once. Never raises for a backend problem: each result says
     ``ok``, ``numerics failed``, ``unavailable`` or ``failed`` with the reason.
     """
-    inputs = run.calibration[0] if run.calibration else run.example
     results: list[Verification] = []
     seen: set[tuple[str, str | None, int | None]] = set()
     for backend_name, device, trials in targets:
@@ -144,8 +147,8 @@ def run_targets(
             )
             continue
         result = verify(
-            run.original,
-            run.model,
+            original,
+            model,
             backend,
             inputs,
             tolerance=tolerance,
@@ -160,7 +163,7 @@ def run_targets(
             if progress is not None:
                 progress(f"{backend.name}: estimating Ascend latency", 0, 1)
             try:
-                result.estimate = estimate_speedup(run.original, run.model, inputs)
+                result.estimate = estimate_speedup(original, model, inputs)
             except Exception as exc:  # an estimate is extra: its failure must not end the run
                 if progress is not None:
                     progress(f"{backend.name}: no Ascend estimate ({first_line(exc)})", 0, 1)

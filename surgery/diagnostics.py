@@ -1,15 +1,7 @@
 """Diagnostics in rustc style: a code, a message, a located caret and a help line.
 
-Codes are grouped by the stage that finds them:
-
-=========  ===========================================================
-``S01xx``  syntax: the recipe does not parse
-``S02xx``  check: unknown names, values out of range, contradictions
-``S03xx``  resolution against a model: selectors, models, inputs
-``S04xx``  apply: a pass failed on the model
-``S05xx``  contracts: an ``expect`` that the result does not meet
-``S09xx``  internal errors (a bug in surgery)
-=========  ===========================================================
+Codes are grouped by the stage that finds them; :mod:`surgery.codes` lists every code with
+its one meaning, and the ranges.
 
 >>> src = "group kv = 0"
 >>> d = Diagnostic(code="S0203", message="`kv` must be a positive integer",

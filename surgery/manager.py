@@ -55,7 +55,7 @@ from surgery.passes import (
 )
 from surgery.select import nearest_paths
 from surgery.support import RUN_VERBS
-from surgery.timing import Speedup, measure_speedup
+from surgery.timing import LayerTimer, Speedup, measure_speedup
 
 __all__ = ["MANAGER_SUPPORT", "Contract", "Manager", "Run", "Step", "drift"]
 
@@ -189,6 +189,7 @@ class Manager:
         self.seed = seed
         self.max_heal_steps = max_heal_steps  # a cap for quick trial runs of a recipe
         self.extra_targets: list[tuple[str, str | None, int | None]] = []  # e.g. from --target
+        self._timer: LayerTimer | None = None
         self._probe: tuple[Inputs, Any] = (Inputs(), None)  # set by run(): (batch, outputs)
 
     # --- inputs -------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class Manager:
         from surgery.graph import analyze
 
         self.extra_targets = list(targets or [])
+        self._timer = None  # built on first use from this run's first target
         self._emit("preparing inputs", 0, 1)
         example, calibration = self._inputs()
         original = self.model
@@ -343,7 +345,14 @@ class Manager:
 
             workdir = workdir or Path(tempfile.mkdtemp(prefix="surgery-lowered-"))
             run.verifications = run_targets(
-                run, specs, workdir, warmup=warmup, repeats=repeats, progress=self.progress
+                run.original,
+                run.model,
+                run.calibration[0] if run.calibration else run.example,
+                specs,
+                workdir,
+                warmup=warmup,
+                repeats=repeats,
+                progress=self.progress,
             )
         original.train(was_training)
         run.contracts = [
@@ -370,8 +379,19 @@ class Manager:
             original=original,
             strict=self.strict,
             progress=self.progress,
-            options={"targets": self._targets()},
+            timer=self._layer_timer(),
         )
+
+    def _layer_timer(self) -> LayerTimer:
+        """What passes time single layers with: the recipe's first target (torch CPU when it
+        names none), tables cached on disk."""
+        if self._timer is None:
+            from surgery.backends import get_backend
+            from surgery.backends.latency import BackendTimer
+
+            specs = self._targets() or [("torch", "cpu", None)]
+            self._timer = BackendTimer(get_backend(*specs[0]))
+        return self._timer
 
     def _targets(self) -> list[tuple[str, str | None, int | None]]:
         """(backend, device, trials) of the recipe's `target` statements, then the extra ones."""

@@ -63,7 +63,7 @@ def evaluate(
     """Whether ``info`` satisfies ``predicate``; a fact a module lacks (None) never matches.
 
     ``speedups`` holds the measured speedup of each module that can be timed (see
-    `surgery.backends.latency.layer_speedups`); ``speedup`` predicates need it.
+    `surgery.passes.rank_latency.layer_speedups`); ``speedup`` predicates need it.
     """
     if isinstance(predicate, ast.Match):
         return fnmatch.fnmatchcase(info.path, predicate.pattern.value)

@@ -1,5 +1,9 @@
 """Measured speed: interleaved A/B timing with warm-up, medians and a bootstrap interval.
 
+Also the interface through which a pass times single layers on a target without knowing the
+backends: :class:`LayerTimer` (implemented by ``surgery.backends.latency.BackendTimer``, handed
+to the pass by the manager in its ``PassContext``) returning :class:`LayerTimes`.
+
 The contract of this tool is *measured* speed, so timing is careful: both models run on the
 same inputs, alternating A and B in every repeat (so drift in machine load hits both), after
 warm-up runs; the speedup is the ratio of medians with a bootstrap 95% confidence interval.
@@ -17,14 +21,22 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["Speedup", "bootstrap_ratio_ci", "measure_speedup", "measure_speedup_fn"]
+__all__ = [
+    "LayerTimer",
+    "LayerTimes",
+    "Speedup",
+    "TimingUnavailable",
+    "bootstrap_ratio_ci",
+    "measure_speedup",
+    "measure_speedup_fn",
+]
 
 
 @dataclass
@@ -148,3 +160,60 @@ def measure_speedup_fn(
         repeats=repeats,
         warmup=warmup,
     )
+
+
+# --- single layers on a target: the interface passes see -----------------------------------
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Median seconds of one layer (``dense``) and of each candidate replacement, each timed
+    alone on ``target`` at the layer's real input shape.
+
+    >>> t = LayerTimes("torch-cpu", dense=2.0, variants={"8": 0.5})
+    >>> t.speedup("8")
+    4.0
+    """
+
+    target: str
+    dense: float
+    variants: Mapping[str, float] = field(default_factory=dict)
+
+    def speedup(self, variant: str) -> float:
+        """Dense latency over the variant's latency (> 1: the replacement pays)."""
+        return self.dense / max(self.variants[variant], 1e-12)
+
+
+class TimingUnavailable(Exception):
+    """Layers cannot be timed on this target (it is unavailable, or cannot lower a layer)."""
+
+
+class LayerTimer(Protocol):
+    """Times a layer against candidate replacements on one target; may cache by ``geometry``.
+
+    ``layer`` names what the variants are (``"Linear"``, ``"TuckerConv2d"``, …) and
+    ``geometry`` everything besides input shape and dtype that their latency depends on (it
+    must be JSON-serialisable): together they key a cache, so ``dense`` and ``variants`` (keys
+    to module builders) are only called when the table is measured. Raises
+    :class:`TimingUnavailable`.
+    """
+
+    @property
+    def name(self) -> str:
+        """The target's name, e.g. ``onnx-cpu``."""
+        ...
+
+    @property
+    def tile(self) -> int:
+        """The rank step at which this target's latency moves (its GEMM tile)."""
+        ...
+
+    def time_layer(
+        self,
+        layer: str,
+        geometry: Mapping[str, Any],
+        input_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        dense: Callable[[], nn.Module],
+        variants: Mapping[str, Callable[[], nn.Module]],
+    ) -> LayerTimes: ...

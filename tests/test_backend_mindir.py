@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import surgery
 from surgery.backends import LoweringError, get_backend, verify
-from surgery.backends.mindir_backend import MindirBackend, generate_cell_source, mapped_ops
+from surgery.backends.mindir import MindirBackend, generate_cell_source, mapped_ops
 from surgery.check import check
 from surgery.inputs import Inputs
 from surgery.manager import Manager, Run

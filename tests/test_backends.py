@@ -226,8 +226,11 @@ def test_signature_rejects_other_inputs() -> None:
 
 
 def test_run_targets_and_contract_value(bert_run: Run, tmp_path: Path) -> None:
+    inputs = bert_run.calibration[0] if bert_run.calibration else bert_run.example
     results = run_targets(
-        bert_run,
+        bert_run.original,
+        bert_run.model,
+        inputs,
         [("torch", None, None), ("torch", "cpu", None), ("torch", "cuda", None)],
         tmp_path,
         warmup=1,

@@ -168,8 +168,8 @@ def test_gpt2_generate_after_dropping_attention() -> None:
 @pytest.mark.parametrize(
     "text,code,field",
     [
-        ("drop attention 4", "S0330", "count"),
-        ("drop mlp 9", "S0330", "count"),
+        ("drop attention 4", "S0333", "count"),
+        ("drop mlp 9", "S0333", "count"),
         ("drop attention 1 by magnitude", "S0332", "by"),
     ],
 )
@@ -182,7 +182,7 @@ def test_invalid_drop_statements(text: str, code: str, field: str) -> None:
         p.plan(model)
     assert err.value.diagnostic.code == code
     assert err.value.diagnostic.span == getattr(stmt, field).span
-    if code == "S0330":
+    if code == "S0333":
         assert "0..3" in (err.value.diagnostic.help or "")
 
 

@@ -101,13 +101,18 @@ def test_pass_end_to_end() -> None:
     assert isinstance(p.training_hooks(model)[0], RefreshMasks)
 
 
-def test_pass_rejects_k_above_basis() -> None:
-    from surgery.passes.base import PassError
+@pytest.mark.parametrize(
+    ("source", "code"),
+    [
+        ("factorize Linear dense-sparse basis 4 nonzeros 8", "S0203"),
+        ("factorize Linear dense-sparse basis 4 nonzeros 0", "S0203"),
+        ("factorize Linear dense-sprase basis 4 nonzeros 2", "S0201"),
+    ],
+)
+def test_check_rejects_what_factorize_does_not_revalidate(source: str, code: str) -> None:
+    from surgery.check import check
 
-    stmt = parse("factorize Linear dense-sparse basis 4 nonzeros 8").statements[0]
-    with pytest.raises(PassError) as err:
-        FactorizePass(stmt)(nn.Sequential(nn.Linear(8, 8)))
-    assert err.value.diagnostic.code == "S0402"
+    assert [d.code for d in check(parse(source))] == [code]
 
 
 @pytest.mark.parametrize(("basis", "k", "bias"), [(4, 2, True), (6, 6, False)])

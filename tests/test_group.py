@@ -278,11 +278,11 @@ def test_llama_generate_after_grouping() -> None:
 @pytest.mark.parametrize(
     "factory,text,code,choices",
     [
-        (bert, "group kv = 3", "S0311", "1, 2, 4"),
-        (bert, "group kv = 8", "S0311", "1, 2, 4"),
-        (bert, "group kv = 0", "S0311", "1, 2, 4"),
-        (gpt2, "group q = 3 kv = 2", "S0311", "1, 2, 4"),
-        (llama, "group kv = 4", "S0311", "1, 2"),
+        (bert, "group kv = 3", "S0314", "1, 2, 4"),
+        (bert, "group kv = 8", "S0314", "1, 2, 4"),
+        (bert, "group kv = 0", "S0314", "1, 2, 4"),
+        (gpt2, "group q = 3 kv = 2", "S0314", "1, 2, 4"),
+        (llama, "group kv = 4", "S0314", "1, 2"),
         (llama, "group q = 2 kv = 1", "S0312", "1, 2"),
     ],
 )

@@ -3,6 +3,7 @@ executor reads."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,104 @@ def test_implemented_targets_are_in_the_language() -> None:
     pairs = {f"{b} {d}" for b, ds in BACKENDS.items() for d in ds}
     assert (TARGET_SUPPORT["device"] or set()) < pairs
     assert TARGET_SUPPORT["backend"] == set(BACKENDS)
+
+
+# --- layers call downward only ---------------------------------------------------------------
+
+# Each layer and the modules it must never import, directly or inside a function or an
+# `if TYPE_CHECKING:` block (a type-only import is still a dependency a reader follows).
+_LANGUAGE = ("surgery.ast", "surgery.parse", "surgery.check", "surgery.fmt", "surgery.diagnostics")
+_LEAVES = ("surgery.support", "surgery.targets", "surgery.codes", "surgery.timing")
+_ABOVE_PASSES = ("surgery.manager", "surgery.heal", "surgery.save", "surgery.report", "surgery.cli")
+FORBIDDEN: dict[tuple[str, ...], tuple[str, ...]] = {
+    # The language needs no model: nothing that holds or changes one.
+    _LANGUAGE + _LEAVES: (
+        "surgery.passes",
+        "surgery.backends",
+        "surgery.graph",
+        "surgery.load",
+        "surgery.modules",
+        *_ABOVE_PASSES,
+    ),
+    # Passes get what they need (analysis, layer timer) from their context.
+    ("surgery.passes",): ("surgery.backends", *_ABOVE_PASSES),
+    # Replacement modules are leaves every layer may build.
+    ("surgery.modules",): ("surgery.passes", "surgery.backends", *_ABOVE_PASSES),
+    # Backends lower and time models they are handed; they know nothing of a recipe.
+    ("surgery.backends",): (
+        "surgery.passes",
+        "surgery.parse",
+        "surgery.check",
+        "surgery.graph",
+        *_ABOVE_PASSES,
+    ),
+    ("surgery.manager",): ("surgery.cli", "surgery.report", "surgery.save"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed package by dotted name (``backends/`` is
+    ``surgery.backends``)."""
+    out: dict[str, Path] = {}
+    for root, package in ((ROOT / "surgery", "surgery"), (ROOT / "backends", "surgery.backends")):
+        for path in sorted(root.rglob("*.py")):
+            parts = [package, *path.relative_to(root).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The dotted modules ``name`` imports anywhere in its source (relative ones resolved,
+    ``from surgery import ast`` as ``surgery.ast``, the top-level ``backends`` as
+    ``surgery.backends``)."""
+    found: set[str] = set()
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in known)
+    return {"surgery.backends" + m[8:] if m.split(".")[0] == "backends" else m for m in found}
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_layers_call_downward_only() -> None:
+    modules = _modules()
+    known = set(modules)
+    violations = []
+    for name, path in modules.items():
+        imported = _imports(name, path, known)
+        for layer, forbidden in FORBIDDEN.items():
+            if not _within(name, layer):
+                continue
+            for module in sorted(imported):
+                if _within(module, forbidden) and not _within(module, layer):
+                    violations.append(f"{name} imports {module}")
+    assert not violations, "\n".join(violations)
+
+
+def test_the_layer_check_sees_imports_inside_functions_and_type_checking(tmp_path: Path) -> None:
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "from surgery import ast\n"
+        "if TYPE_CHECKING:\n"
+        "    from surgery.manager import Run\n"
+        "def f():\n"
+        "    from .. import heal\n"
+        "    import backends.latency\n"
+    )
+    path = tmp_path / "x.py"
+    path.write_text(source)
+    found = _imports("surgery.passes.x", path, {"surgery.ast", "surgery.heal"})
+    assert {"surgery.ast", "surgery.manager", "surgery.heal", "surgery.backends.latency"} <= found

@@ -136,7 +136,7 @@ def test_decoder_without_cls_is_refused() -> None:
     p.ensure_context(model)
     with pytest.raises(PassError) as err:
         p.plan(model)
-    assert err.value.diagnostic.code == "S0320"
+    assert err.value.diagnostic.code == "S0324"
     assert "CLS-token encoder" in err.value.diagnostic.message
 
 

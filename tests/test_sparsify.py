@@ -126,6 +126,13 @@ def test_wanda_scores_with_calibration_inputs() -> None:
     assert magnitude.mask[0].int().tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
 
 
+@pytest.mark.parametrize("pattern", ["0:4", "4:4", "5:4", "2:0"])
+def test_check_rejects_what_sparsify_does_not_revalidate(pattern: str) -> None:
+    from surgery.check import check
+
+    assert [d.code for d in check(parse(f"sparsify Linear {pattern}"))] == ["S0203"]
+
+
 @pytest.mark.parametrize(("n", "m", "bias"), [(2, 4, True), (1, 4, False), (4, 8, True)])
 def test_save_reload(n: int, m: int, bias: bool) -> None:
     module = SparseLinear.from_linear(nn.Linear(16, 5, bias=bias, dtype=torch.float64), n, m)

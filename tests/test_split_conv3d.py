@@ -124,7 +124,7 @@ def test_exact_refuses_non_zero_padding_mode() -> None:
     p.ensure_context(model)
     plan = p.plan(model)
     assert plan.rows[0].action == "skip" and "padding_mode" in plan.rows[0].note
-    assert p.context is not None and p.context.warnings[0].code == "S0310"
+    assert p.context is not None and p.context.warnings[0].code == "S0360"
     assert not p(model).modified
 
 
@@ -219,7 +219,7 @@ def test_2plus1d_refuses_groups() -> None:
     p = SplitPass(parse("split Conv3d (2+1)d").statements[0])
     p.ensure_context(model)
     assert p.plan(model).rows[0].action == "skip"
-    assert p.context is not None and p.context.warnings[0].code == "S0311"
+    assert p.context is not None and p.context.warnings[0].code == "S0361"
 
 
 # --- save / reload ------------------------------------------------------------------------------
@@ -309,13 +309,24 @@ def test_2plus1d_default_rank_saves_parameters_and_skips_tiny_layers() -> None:
     assert tiny.action == "skip" and "fewer parameters" in tiny.note
 
 
-def test_split_rejects_options_on_exact() -> None:
-    from surgery.passes.base import PassError
+@pytest.mark.parametrize(
+    ("source", "code"),
+    [
+        ("split Conv3d exact rank = 4", "S0204"),  # check
+        ("split Conv3d exact add", "S0204"),
+        ("split Conv3d fancy", "S0102"),  # grammar: the only modes
+        ("split Conv3d (2+1)d mul", "S0103"),  # grammar: the only combinations
+    ],
+)
+def test_the_front_end_rejects_what_split_does_not_revalidate(source: str, code: str) -> None:
+    from surgery.check import check
+    from surgery.diagnostics import DiagnosticError
 
-    model = nn.Sequential(nn.Conv3d(2, 2, 3))
-    with pytest.raises(PassError) as err:
-        SplitPass(parse("split Conv3d exact rank = 4").statements[0])(model)
-    assert err.value.diagnostic.code == "S0402"
+    try:
+        found = [d.code for d in check(parse(source))]
+    except DiagnosticError as exc:
+        found = [d.code for d in exc.diagnostics]
+    assert code in found
 
 
 def _tiny_videomae() -> nn.Module:

@@ -11,14 +11,11 @@ from torch import nn
 from surgery.backends import get_backend
 from surgery.backends import latency as lat
 from surgery.backends.latency import (
-    ConvLatencyTable,
+    BackendTimer,
     LatencyTable,
-    choose_tucker_ranks,
-    keep_if_faster_tucker_ranks,
+    latency_table,
     load_table,
     save_table,
-    tucker_candidate_pairs,
-    tucker_latency_table,
 )
 from surgery.graph import analyze
 from surgery.inputs import Inputs
@@ -27,6 +24,17 @@ from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.parse import parse
 from surgery.passes.base import PassContext, PassError
 from surgery.passes.decompose import DecomposePass
+from surgery.passes.rank_latency import (
+    choose_tucker_ranks,
+    conv_geometry,
+    conv_layer,
+    factored,
+    keep_if_faster_tucker_ranks,
+    pair_key,
+    tucker_candidate_pairs,
+    tucker_speedups,
+)
+from surgery.timing import LayerTimes
 
 
 class TinyCNN(nn.Module):
@@ -50,10 +58,12 @@ def tiny_cnn() -> TinyCNN:
     return TinyCNN()
 
 
-def _table(dense: float, ranks: dict[tuple[int, int], float]) -> ConvLatencyTable:
-    return ConvLatencyTable(
-        "fake", 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), (1, 32, 8, 8), "float32", "t", dense, ranks
-    )
+def _table(dense: float, ranks: dict[tuple[int, int], float]) -> LayerTimes:
+    return LayerTimes("fake", dense, {pair_key(p): t for p, t in ranks.items()})
+
+
+def _timer(**kw: object) -> BackendTimer:
+    return BackendTimer(get_backend("torch", "cpu"), **kw)  # type: ignore[arg-type]
 
 
 # --- pure selection -------------------------------------------------------------------------
@@ -94,52 +104,76 @@ def test_only_pairs_on_the_requested_ratio_count() -> None:
 # --- cache ----------------------------------------------------------------------------------
 
 
-def test_conv_table_json_round_trip_and_disjoint_keys(tmp_path: Path) -> None:
-    t = _table(2.0, {(32, 16): 1.0, (24, 12): 0.9})
-    path = save_table(t, tmp_path)
-    assert path.name == f"{t.key()}.json" and t.key().startswith("conv-")
-    assert load_table(t.key(), tmp_path, ConvLatencyTable) == t
-    same = ConvLatencyTable(
-        "fake", 32, 32, (3, 3), (1, 1), "same", (1, 1), (1, 32, 8, 8), "float32", "t", 1.0
+def _conv_table(conv: nn.Conv2d, dense: float, variants: dict[str, float]) -> LatencyTable:
+    return LatencyTable(
+        "fake",
+        conv_layer(conv),
+        conv_geometry(conv),
+        (1, 32, 8, 8),
+        "float32",
+        "t",
+        dense,
+        variants,
     )
+
+
+def test_conv_table_json_round_trip_and_keys(tmp_path: Path) -> None:
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    t = _conv_table(conv, 2.0, {"32x16": 1.0, "24x12": 0.9})
+    path = save_table(t, tmp_path)
+    assert path.name == f"{t.key()}.json" and load_table(t.key(), tmp_path) == t
+    same = _conv_table(nn.Conv2d(32, 32, 3, padding="same"), 1.0, {})
     save_table(same, tmp_path)
-    assert load_table(same.key(), tmp_path, ConvLatencyTable) == same and same.key() != t.key()
+    assert load_table(same.key(), tmp_path) == same and same.key() != t.key()
     # A matrix table of the "same" numbers never shares a key (hence a file) with a conv one.
-    linear = LatencyTable("fake", "Linear", 32, 32, (1, 32, 8, 8), "float32", "t", dense=2.0)
-    assert not linear.key().startswith("conv-") and lat.load_table(t.key(), tmp_path) is None
+    geometry = {"in_features": 32, "out_features": 32, "bias": True}
+    linear = LatencyTable("fake", "Linear", geometry, (1, 32, 8, 8), "float32", "t", dense=2.0)
+    assert linear.key() != t.key()
     path.write_text("{not json")
-    assert load_table(t.key(), tmp_path, ConvLatencyTable) is None
+    assert load_table(t.key(), tmp_path) is None
 
 
-def test_tucker_latency_table_uses_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_conv_geometry_rebuilds_the_conv() -> None:
+    conv = nn.Conv2d(16, 32, (3, 5), stride=2, padding=(1, 2), dilation=1, bias=False)
+    again = nn.Conv2d(**conv_geometry(conv))
+    assert conv_geometry(again) == conv_geometry(conv)
+    assert again.weight.shape == conv.weight.shape and again.bias is None
+
+
+def test_conv_latency_table_uses_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     conv = nn.Conv2d(16, 32, 3, padding=1)
     backend = get_backend("torch", "cpu")
-    first = tucker_latency_table(
-        backend, conv, (1, 16, 8, 8), [(16, 8), (8, 4)], directory=tmp_path, repeats=2, warmup=1
-    )
-    assert set(first.ranks) == {(16, 8), (8, 4)} and first.dense > 0 and first.repeats == 2
 
-    def boom(*args: object, **kwargs: object) -> ConvLatencyTable:
+    def table(shape: tuple[int, ...], pairs: list[tuple[int, int]], **kw: object) -> LatencyTable:
+        return latency_table(
+            backend, conv_layer(conv), conv_geometry(conv), shape, torch.float32,
+            lambda: nn.Conv2d(**conv_geometry(conv)),
+            {pair_key(p): (lambda p=p: factored(conv, p)) for p in pairs},
+            directory=tmp_path, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    first = table((1, 16, 8, 8), [(16, 8), (8, 4)], repeats=2, warmup=1)
+    assert set(first.variants) == {"16x8", "8x4"} and first.dense > 0 and first.repeats == 2
+
+    def boom(*args: object, **kwargs: object) -> LatencyTable:
         raise AssertionError("measured again although cached")
 
-    monkeypatch.setattr(lat, "measure_tucker_conv", boom)
-    assert tucker_latency_table(backend, conv, (1, 16, 8, 8), [(8, 4)], directory=tmp_path) == first
+    monkeypatch.setattr(lat, "measure", boom)
+    assert table((1, 16, 8, 8), [(8, 4)]) == first
     with pytest.raises(AssertionError, match="measured again"):  # another input shape
-        tucker_latency_table(backend, conv, (2, 16, 8, 8), [(8, 4)], directory=tmp_path)
+        table((2, 16, 8, 8), [(8, 4)])
 
 
 def test_rejects_layers_it_cannot_time() -> None:
     model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(72, 4))
     analysis = analyze(model, Inputs((torch.randn(1, 8, 5, 5),), {}))
-    backend = get_backend("torch")
+    timer = _timer()
     with pytest.raises(ValueError, match="ungrouped Conv2d"):
-        keep_if_faster_tucker_ranks({"0": model[0]}, analysis, {"0": (4, 4)}, backend)
+        keep_if_faster_tucker_ranks({"0": model[0]}, analysis, {"0": (4, 4)}, timer)
     with pytest.raises(ValueError, match="ungrouped Conv2d"):
-        keep_if_faster_tucker_ranks({"2": model[2]}, analysis, {"2": (4, 4)}, backend)
+        keep_if_faster_tucker_ranks({"2": model[2]}, analysis, {"2": (4, 4)}, timer)
     with pytest.raises(ValueError, match="not a module"):
-        keep_if_faster_tucker_ranks({"x": model[0]}, analysis, {"x": (4, 4)}, backend)
+        keep_if_faster_tucker_ranks({"x": model[0]}, analysis, {"x": (4, 4)}, timer)
 
 
 # --- through the decompose pass -------------------------------------------------------------
@@ -148,17 +182,17 @@ def test_rejects_layers_it_cannot_time() -> None:
 def _fake_measure(calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]]):  # type: ignore[no-untyped-def]
     """c1 (16→32): a cliff below 16×8 on its 24×12, 16×8, 8×4 ladder; c2: never faster."""
 
-    def fake(backend, conv, shape, pairs, **kw):  # type: ignore[no-untyped-def]
-        pairs = list(pairs)
-        calls.append((conv.in_channels, shape, pairs))
-        if conv.in_channels == 16:
+    def fake(backend, layer, geometry, shape, dtype, dense, variants, **kw):  # type: ignore[no-untyped-def]
+        pairs = [tuple(int(r) for r in k.split("x")) for k in variants]
+        calls.append((geometry["in_channels"], shape, pairs))
+        if geometry["in_channels"] == 16:
             ranks = {p: 0.1 * p[0] + (1.0 if p[0] > 16 else 0.0) for p in pairs}
-            dense = 10.0
+            dense_s = 10.0
         else:
-            ranks, dense = {p: 1.0 for p in pairs}, 0.1
-        return lat.ConvLatencyTable(
-            backend.name, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-            conv.padding, conv.dilation, shape, "float32", torch.__version__, dense, ranks,
+            ranks, dense_s = {p: 1.0 for p in pairs}, 0.1
+        return LatencyTable(
+            backend.name, layer, dict(geometry), shape, "float32", torch.__version__, dense_s,
+            {pair_key(p): t for p, t in ranks.items()},  # type: ignore[arg-type]
         )  # fmt: skip
 
     return fake
@@ -172,10 +206,10 @@ def _faked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Calls, Tiny
     calls recorded) and the latency cache in ``tmp_path``."""
     monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
     calls: Calls = []
-    monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(calls))
+    monkeypatch.setattr(lat, "measure", _fake_measure(calls))
     model = tiny_cnn()
     ex = Inputs(model.example_inputs, {})
-    return calls, model, PassContext(analysis=analyze(model, ex), example=ex)
+    return calls, model, PassContext(analysis=analyze(model, ex), example=ex, timer=_timer())
 
 
 def test_keep_if_faster_on_a_fake_table_through_the_pass(
@@ -201,9 +235,10 @@ def test_keep_if_faster_on_a_fake_table_through_the_pass(
     assert isinstance(model.c2, nn.Conv2d)
     # The tables were cached: a second plan measures nothing.
     again: Calls = []
-    monkeypatch.setattr(lat, "measure_tucker_conv", _fake_measure(again))
+    monkeypatch.setattr(lat, "measure", _fake_measure(again))
     fresh = tiny_cnn()
-    DecomposePass(stmt, PassContext(analysis=analyze(fresh, ex), example=ex)).plan(fresh)
+    ctx = PassContext(analysis=analyze(fresh, ex), example=ex, timer=_timer())
+    DecomposePass(stmt, ctx).plan(fresh)
     assert again == []
 
 
@@ -232,19 +267,29 @@ def test_keep_if_faster_times_convs_for_real(
             assert row.detail.get("requested_rank", row.detail["rank"]) == "{}×{}".format(
                 *requested
             )
-    assert len(list((tmp_path / "cache" / "latency").glob("conv-*.json"))) == 2
+    assert len(list((tmp_path / "cache" / "latency").glob("*.json"))) == 2
 
 
 def test_an_unavailable_target_is_a_located_error(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_cnn()
     ex = Inputs(model.example_inputs, {})
     stmt = parse("decompose Conv2d rank = 0.5 keep if faster").statements[0]
-    ctx = PassContext(analysis=analyze(model, ex), example=ex)
+    ctx = PassContext(analysis=analyze(model, ex), example=ex, timer=_timer())
     backend = get_backend("torch", "cpu")
     monkeypatch.setattr(type(backend), "is_available", lambda self: (False, "switched off"))
     with pytest.raises(PassError) as err:
         DecomposePass(stmt, ctx).plan(model)
     assert "cannot time `c1` on torch-cpu" in err.value.diagnostic.message
+
+
+def test_a_pass_without_a_timer_is_a_located_error() -> None:
+    model = tiny_cnn()
+    ex = Inputs(model.example_inputs, {})
+    stmt = parse("decompose Conv2d rank = 0.5 keep if faster").statements[0]
+    with pytest.raises(PassError) as err:
+        DecomposePass(stmt, PassContext(analysis=analyze(model, ex), example=ex)).plan(model)
+    assert "this pass has no timer" in err.value.diagnostic.message
+    assert err.value.diagnostic.span is not None
 
 
 # --- `where speedup > X` on k×k convs -------------------------------------------------------
@@ -275,9 +320,7 @@ def test_where_speedup_times_convs_for_real(
     monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
     model = tiny_cnn()
     ex = Inputs(model.example_inputs, {})
-    measured = lat.tucker_speedups(
-        {"c1": model.c1}, analyze(model, ex), {"c1": (16, 8)}, get_backend("torch", "cpu")
-    )
+    measured = tucker_speedups({"c1": model.c1}, analyze(model, ex), {"c1": (16, 8)}, _timer())
     low, high = measured["c1"] * 0.5, measured["c1"] * 2
     # The cached table decides the selector: below the measured speedup c1 matches.
     run = Manager(
@@ -317,18 +360,18 @@ def test_keep_if_faster_on_a_1x1_conv_times_its_low_rank_pair(
     monkeypatch.setenv("SURGERY_CACHE_DIR", str(tmp_path / "cache"))
     calls: list[tuple[tuple[int, ...], list[tuple[int, int]]]] = []
 
-    def fake(backend, conv, shape, pairs, **kw):  # type: ignore[no-untyped-def]
-        pairs = list(pairs)
+    def fake(backend, layer, geometry, shape, dtype, dense, variants, **kw):  # type: ignore[no-untyped-def]
+        pairs = [tuple(int(r) for r in k.split("x")) for k in variants]
         calls.append((shape, pairs))
         # The real measurement builds the pair the pass would build.
-        assert all(isinstance(lat._factored(conv, p), LowRankConv2d) for p in pairs)
-        return lat.ConvLatencyTable(
-            backend.name, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-            conv.padding, conv.dilation, shape, "float32", torch.__version__, 10.0,
-            {p: 0.1 * p[0] + (1.0 if p[0] > 8 else 0.0) for p in pairs}, layer="LowRankConv2d",
+        assert layer == "LowRankConv2d"
+        assert all(isinstance(build(), LowRankConv2d) for build in variants.values())
+        return LatencyTable(
+            backend.name, layer, dict(geometry), shape, "float32", torch.__version__, 10.0,
+            {pair_key(p): 0.1 * p[0] + (1.0 if p[0] > 8 else 0.0) for p in pairs},  # type: ignore[arg-type]
         )  # fmt: skip
 
-    monkeypatch.setattr(lat, "measure_tucker_conv", fake)
+    monkeypatch.setattr(lat, "measure", fake)
     torch.manual_seed(0)
     model = Pointwise()
     # Break-even rank 21: ask for 16, the cliff is between 16 and 8.
@@ -349,10 +392,8 @@ def test_where_speedup_times_a_1x1_conv_for_real(
     torch.manual_seed(0)
     model = Pointwise()
     ex = Inputs(model.example_inputs, {})
-    measured = lat.tucker_speedups(
-        {"c": model.c}, analyze(model, ex), {"c": (8, 8)}, get_backend("torch", "cpu")
-    )
-    tables = list((tmp_path / "cache" / "latency").glob("conv-*.json"))
+    measured = tucker_speedups({"c": model.c}, analyze(model, ex), {"c": (8, 8)}, _timer())
+    tables = list((tmp_path / "cache" / "latency").glob("*.json"))
     assert len(tables) == 1 and '"layer": "LowRankConv2d"' in tables[0].read_text()
     low, high = measured["c"] * 0.5, measured["c"] * 2
     run = Manager(parse(f"decompose Conv2d where speedup > {low:.4f} rank = 8"), model).run(
@@ -366,8 +407,10 @@ def test_where_speedup_times_a_1x1_conv_for_real(
 
 
 def test_conv_table_keys_differ_by_factored_layer() -> None:
-    tucker = _table(1.0, {(8, 8): 0.5})
-    pointwise = _table(1.0, {(8, 8): 0.5})
-    pointwise.layer = "LowRankConv2d"
+    conv = nn.Conv2d(32, 32, 1)
+    tucker = _conv_table(conv, 1.0, {"8x8": 0.5})
+    pointwise = _conv_table(conv, 1.0, {"8x8": 0.5})
+    tucker.layer = "TuckerConv2d"
+    assert conv_layer(conv) == pointwise.layer == "LowRankConv2d"
     assert tucker.key() != pointwise.key()
-    assert ConvLatencyTable.from_json(pointwise.to_json()) == pointwise
+    assert LatencyTable.from_json(pointwise.to_json()) == pointwise

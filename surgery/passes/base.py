@@ -35,6 +35,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.facts import Analysis
+from surgery.timing import LayerTimer
 
 __all__ = [
     "Change",
@@ -172,7 +173,9 @@ class PassContext:
     strict: bool = False  # selectors that match nothing are errors, not warnings
     warnings: list[Diagnostic] = field(default_factory=list)
     progress: Callable[[str, int, int], None] | None = None  # (what, done, total)
-    options: dict[str, Any] = field(default_factory=dict)  # CLI options (target, seed, ...)
+    # Times single layers on the recipe's first target (`keep if faster`, `where speedup`);
+    # the manager builds it, so passes never import a backend.
+    timer: LayerTimer | None = None
 
     def warn(self, diagnostic: Diagnostic) -> None:
         self.warnings.append(diagnostic)
@@ -226,7 +229,7 @@ class SurgeryPass(PassBase):
         """The error for a planned module that is no longer what the plan expected."""
         return PassError(
             Diagnostic(
-                code="S0401",
+                code="S0410",
                 message=f"`{path}` is no longer a `{what}`",
                 span=self.statement.span,
                 help="an earlier statement replaced it; reorder the recipe",

@@ -69,7 +69,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -95,11 +95,15 @@ from surgery.modules import LowRankLinear
 from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.passes.base import Change, PassContext, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.passes.rank_latency import (
+    keep_if_faster_ranks,
+    keep_if_faster_tucker_ranks,
+    layer_speedups,
+    tucker_speedups,
+)
 from surgery.select import select, type_names, uses_speedup
 from surgery.support import PASS_VERBS
-
-if TYPE_CHECKING:
-    from surgery.backends import Backend
+from surgery.timing import LayerTimer, TimingUnavailable
 
 _R = TypeVar("_R")  # what `keep if faster` chooses: a rank, or a Tucker rank pair
 
@@ -650,9 +654,6 @@ class DecomposePass(SurgeryPass):
         pair, k×k Conv2d against its Tucker-2 form (when the method is `tucker`, the default).
         Layers that cannot be timed (grouped convs among them) have no speedup and never
         match."""
-        from surgery.backends import LoweringError, get_backend
-        from surgery.backends.latency import layer_speedups, tucker_speedups
-
         stmt: ast.Decompose = self.statement
         rank = stmt.rank
         if rank is None or rank.kind == "energy":
@@ -687,16 +688,15 @@ class DecomposePass(SurgeryPass):
             if info.kernel is not None or info.in_features is None or info.out_features is None:
                 continue
             requested[path] = self._speedup_rank(info.in_features, info.out_features)
-        targets = context.options.get("targets") or [("torch", "cpu", None)]
-        backend = get_backend(*targets[0])
+        timer = self._timer("`where speedup`", stmt.selector)
         try:
-            speedups = layer_speedups(model, context.analysis, list(requested), requested, backend)
+            speedups = layer_speedups(model, context.analysis, list(requested), requested, timer)
             if convs:
-                speedups |= tucker_speedups(convs, context.analysis, pairs, backend)
+                speedups |= tucker_speedups(convs, context.analysis, pairs, timer)
             return speedups
-        except (LoweringError, ValueError) as exc:
+        except (TimingUnavailable, ValueError) as exc:
             raise self._error(
-                f"`where speedup` cannot time layers on {backend.name}: {exc}", stmt.selector
+                f"`where speedup` cannot time layers on {timer.name}: {exc}", stmt.selector
             ) from exc
 
     def _speedup_rank(self, in_f: int, out_f: int) -> int:
@@ -714,10 +714,8 @@ class DecomposePass(SurgeryPass):
         target (torch CPU when it names none), or None when no rank beats the dense layer.
 
         Each layer shape is timed alone at its real input shape; the tables are cached on
-        disk, and the choice is a pure function of the table (`surgery.backends.latency`).
+        disk, and the choice is a pure function of the table (`surgery.passes.rank_latency`).
         """
-        from surgery.backends.latency import keep_if_faster_ranks
-
         if cand.kind == "conv1x1":  # timed as the two 1×1 convs it becomes, at (rank, rank)
             pair, where = self._faster_conv_ranks(cand, (requested, requested))
             return (None if pair is None else pair[0]), where
@@ -725,30 +723,38 @@ class DecomposePass(SurgeryPass):
         analysis = self.context.analysis
         return self._time_on_first_target(
             cand,
-            lambda backend: keep_if_faster_ranks(
-                model, analysis, [cand.path], {cand.path: requested}, backend
+            lambda timer: keep_if_faster_ranks(
+                model, analysis, [cand.path], {cand.path: requested}, timer
             ),
         )
 
     def _time_on_first_target(
-        self, cand: _Candidate, measure: Callable[[Backend], dict[str, _R | None]]
+        self, cand: _Candidate, measure: Callable[[LayerTimer], dict[str, _R | None]]
     ) -> tuple[_R | None, str]:
-        """``measure(backend)[cand.path]`` on the recipe's first target (torch CPU when it
-        names none) and that target's name; a located error when it cannot be timed there."""
-        from surgery.backends import LoweringError, get_backend
-
-        assert self.context is not None
-        targets = self.context.options.get("targets") or [("torch", "cpu", None)]
-        backend = get_backend(*targets[0])
+        """``measure(timer)[cand.path]`` on the context's timer (the recipe's first target)
+        and that target's name; a located error when it cannot be timed there."""
+        timer = self._timer("`keep if faster`", self.statement.keep_if_faster)
         try:
-            chosen = measure(backend)
-        except (LoweringError, ValueError) as exc:
+            chosen = measure(timer)
+        except (TimingUnavailable, ValueError) as exc:
             raise self._error(
-                f"`keep if faster` cannot time `{cand.path}` on {backend.name}: {exc}",
+                f"`keep if faster` cannot time `{cand.path}` on {timer.name}: {exc}",
                 self.statement.keep_if_faster,
                 help="remove `keep if faster`, or choose a target that is available here",
             ) from exc
-        return chosen[cand.path], backend.name
+        return chosen[cand.path], timer.name
+
+    def _timer(self, what: str, node: Any) -> LayerTimer:
+        """The context's layer timer; a located error when the pass runs without one."""
+        timer = self.context.timer if self.context is not None else None
+        if timer is None:
+            raise self._error(
+                f"{what} times layers on a target, and this pass has no timer",
+                node,
+                help="run the recipe with `surgery plan`/`surgery apply` (they time on its "
+                "first target), or give the pass a `PassContext(timer=...)`",
+            )
+        return timer
 
     def _choose_ranks(self, model: nn.Module, cands: list[_Candidate], plan: StepPlan) -> None:
         stmt: ast.Decompose = self.statement
@@ -898,15 +904,13 @@ class DecomposePass(SurgeryPass):
         The conv and its factored form (TuckerConv2d for k×k, the LowRankConv2d pair at
         ``(rank, rank)`` for 1×1) are timed alone at the conv's real input shape; tables are
         cached on disk and the choice is a pure function of the table
-        (`surgery.backends.latency.choose_tucker_ranks`)."""
-        from surgery.backends.latency import keep_if_faster_tucker_ranks
-
+        (`surgery.passes.rank_latency.choose_tucker_ranks`)."""
         assert self.context is not None
         analysis = self.context.analysis
         return self._time_on_first_target(
             cand,
-            lambda backend: keep_if_faster_tucker_ranks(
-                {cand.path: cand.module}, analysis, {cand.path: requested}, backend
+            lambda timer: keep_if_faster_tucker_ranks(
+                {cand.path: cand.module}, analysis, {cand.path: requested}, timer
             ),
         )
 

@@ -181,7 +181,7 @@ class DropPass(SurgeryPass):
         if n < 0 or n > len(subs):
             raise PassError(
                 Diagnostic(
-                    code="S0330",
+                    code="S0333",
                     message=f"cannot drop {n} {kind} sublayers: the model has {len(subs)} that can be dropped",
                     span=stmt.count.span,
                     help=f"valid range: 0..{len(subs)}",

@@ -30,9 +30,8 @@ from typing import ClassVar, cast
 from torch import nn
 
 from surgery import ast
-from surgery.diagnostics import Diagnostic
 from surgery.modules.sparse import DenseSparseLinear
-from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass, TrainingHook
+from surgery.passes.base import Change, PlanRow, StepPlan, SurgeryPass, TrainingHook
 from surgery.select import select
 from surgery.support import PASS_VERBS
 
@@ -62,34 +61,13 @@ class FactorizePass(SurgeryPass):
     supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["factorize"].types
     implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["factorize"].options
 
-    def _check(self) -> tuple[int, int]:
-        stmt = cast(ast.Factorize, self.statement)
-        if stmt.method.value not in METHODS:
-            raise PassError(
-                Diagnostic(
-                    code="S0402",
-                    message=f"unknown factorization `{stmt.method.value}`",
-                    span=stmt.method.span,
-                    help="use `dense-sparse`",
-                )
-            )
-        basis, k = stmt.basis.value, stmt.nonzeros.value
-        if not 1 <= k <= basis:
-            raise PassError(
-                Diagnostic(
-                    code="S0402",
-                    message=f"`nonzeros {k}` must be between 1 and `basis {basis}`",
-                    span=stmt.nonzeros.span,
-                    help=f"use at most `nonzeros {basis}`",
-                )
-            )
-        return basis, k
-
     def plan(self, model: nn.Module) -> StepPlan:
         context = self.ensure_context(model)
         analysis = context.analysis
         stmt = cast(ast.Factorize, self.statement)
-        basis, k = self._check()
+        # No re-validation: `check` rejects an unknown method (S0201) and `nonzeros` outside
+        # 1..basis (S0203) before a recipe reaches a pass.
+        basis, k = stmt.basis.value, stmt.nonzeros.value
         plan = self.new_plan()
         plan.notes.append("C is stored dense with a top-K mask; params count its non-zeros")
         modules = dict(model.named_modules())

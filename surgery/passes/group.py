@@ -197,7 +197,7 @@ class GroupPass(SurgeryPass):
         shown = ", ".join(str(v) for v in valid)
         return PassError(
             Diagnostic(
-                code="S0311",
+                code="S0314",
                 message=(
                     f"`{what} = {field.value}` does not divide the {current} current {what} heads "
                     f"of `{site.path}`"
@@ -222,7 +222,7 @@ class GroupPass(SurgeryPass):
         if not sites:
             raise PassError(
                 Diagnostic(
-                    code="S0310",
+                    code="S0313",
                     message="`group` found no self-attention in this model",
                     span=stmt.span,
                     help="`group` supports BERT/RoBERTa, ViT, GPT-2 and LLaMA/Mistral-style attention",

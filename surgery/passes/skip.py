@@ -57,7 +57,7 @@ class SkipPass(SurgeryPass):
         if not has_cls_token(model):
             raise PassError(
                 Diagnostic(
-                    code="S0320",
+                    code="S0324",
                     message=f"token skipping needs a CLS-token encoder; `{type(model).__name__}` has no CLS token",
                     span=stmt.span,
                     help="use `skip tokens` on ViT or BERT-style encoders; for decoders consider `drop` or `truncate`",

@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from surgery import ast
-from surgery.diagnostics import Diagnostic
 from surgery.modules.sparse import SparseLinear
-from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass, TrainingHook
+from surgery.passes.base import Change, PlanRow, StepPlan, SurgeryPass, TrainingHook
 from surgery.select import select
 from surgery.support import PASS_VERBS
 
@@ -100,16 +99,9 @@ class SparsifyPass(SurgeryPass):
         context = self.ensure_context(model)
         analysis = context.analysis
         stmt = cast(ast.Sparsify, self.statement)
+        # No re-validation: `check` rejects any `N:M` but 0 < N < M (S0203) before a recipe
+        # reaches a pass.
         n, m = stmt.n.value, stmt.m.value
-        if not 0 < n <= m:
-            raise PassError(
-                Diagnostic(
-                    code="S0402",
-                    message=f"`{n}:{m}` is not an N:M pattern with 0 < N ≤ M",
-                    span=stmt.span,
-                    help="write e.g. `2:4`",
-                )
-            )
         plan = self.new_plan()
         plan.notes.append(CPU_NOTE)
         modules = dict(model.named_modules())

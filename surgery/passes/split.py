@@ -48,7 +48,7 @@ from surgery.modules.conv3d import (
     explicit_padding,
     triple,
 )
-from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.passes.base import Change, PlanRow, StepPlan, SurgeryPass
 from surgery.select import select
 from surgery.support import PASS_VERBS
 
@@ -104,34 +104,6 @@ class SplitPass(SurgeryPass):
     supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["split"].types
     implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["split"].options
 
-    def _error(
-        self, message: str, span: ast.Span | None = None, help: str | None = None
-    ) -> PassError:
-        return PassError(
-            Diagnostic(code="S0402", message=message, span=span or self.statement.span, help=help)
-        )
-
-    def _mode(self) -> str:
-        stmt = cast(ast.Split, self.statement)
-        mode = stmt.mode.value
-        if mode not in MODES:
-            raise self._error(
-                f"unknown split mode `{mode}`", stmt.mode.span, "use `exact` or `(2+1)d`"
-            )
-        if mode == "exact" and (stmt.combine is not None or stmt.rank is not None):
-            raise self._error(
-                "`split ... exact` takes no `add`/`cat` or `rank`",
-                (stmt.combine or stmt.rank or stmt.mode).span,
-                "drop the option, or use `(2+1)d`",
-            )
-        if stmt.combine is not None and stmt.combine.value not in COMBINES:
-            raise self._error(
-                f"unknown combination `{stmt.combine.value}`",
-                stmt.combine.span,
-                "use `add` or `cat`",
-            )
-        return mode
-
     def _rank(self, conv: nn.Conv3d, combine: str) -> tuple[int, float]:
         """The (2+1)D rank for ``conv`` and the kernel energy it keeps."""
         from surgery.modules.conv3d import separable_factors
@@ -166,7 +138,9 @@ class SplitPass(SurgeryPass):
         context = self.ensure_context(model)
         analysis = context.analysis
         stmt = cast(ast.Split, self.statement)
-        mode = self._mode()
+        # No re-validation: the grammar admits only `exact`/`(2+1)d` and `add`/`cat`, and
+        # `check` rejects options on `exact` (S0204) before a recipe reaches a pass.
+        mode = stmt.mode.value
         combine = stmt.combine.value if stmt.combine is not None else "add"
         plan = self.new_plan()
         modules = dict(model.named_modules())
@@ -243,13 +217,13 @@ class SplitPass(SurgeryPass):
     def _refusal(self, conv: nn.Conv3d, mode: str) -> str | None:
         """Why ``conv`` cannot be split in ``mode`` (also reported as a warning), or None."""
         reason = None
-        code = "S0310"
+        code = "S0360"
         try:
             explicit_padding(conv)
         except ValueError as exc:
             reason = str(exc)
         if reason is None and mode == "(2+1)d" and conv.groups != 1:
-            code = "S0311"
+            code = "S0361"
             reason = (
                 f"grouped Conv3d (groups={conv.groups}) cannot be split (2+1)d: the separable fit "
                 "mixes all input channels"
