@@ -3,9 +3,9 @@
 Prints one JSON object. ``--count`` recipes are generated from the grammar (every verb, every
 option, edge values: 19-digit and 4,000-digit integers, ``1e999``, ``5e-324``, ``1e15`` as an
 absolute rank, deep selectors, comments holding form feeds, NUL, U+2028...) or mutated from
-``recipes/*.surg``, ``tests/invalid/*.surg`` and generated recipes (byte flips, random unicode
-and control characters, truncations, token swaps, statements spliced from other files). Every
-case goes through ``parse_statements`` + ``check`` + ``render_all`` and, when it parses,
+``recipes/*.surg``, ``tests/golden/invalid/*.surg`` and generated recipes (byte flips, random
+unicode and control characters, truncations, token swaps, statements spliced from other files).
+Every case goes through ``parse_statements`` + ``check`` + ``render_all`` and, when it parses,
 ``format_source`` twice. Counted:
 
 - ``exceptions``: anything raised other than a ``DiagnosticError`` from ``fmt`` (a bug);
@@ -268,7 +268,7 @@ def generated(r: random.Random) -> str:
 
 def _seeds() -> list[str]:
     files = sorted((ROOT / "recipes").glob("*.surg")) + sorted(
-        (ROOT / "tests" / "invalid").glob("*.surg")
+        (ROOT / "tests" / "golden" / "invalid").glob("*.surg")
     )
     return [p.read_text(encoding="utf-8") for p in files]
 

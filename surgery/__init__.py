@@ -29,7 +29,7 @@ from surgery.parse import parse
 if TYPE_CHECKING:
     from surgery.load import LoadedModel, ModelLoadError, load_model
     from surgery.manager import Manager, Run
-    from surgery.save import load, write_model
+    from surgery.save import load, save_run, write_model
 
 _LAZY = {
     "LoadedModel": "surgery.load",
@@ -38,6 +38,7 @@ _LAZY = {
     "Run": "surgery.manager",
     "load": "surgery.save",
     "load_model": "surgery.load",
+    "save_run": "surgery.save",
     "write_model": "surgery.save",
 }
 
@@ -77,5 +78,6 @@ __all__ = [
     "load",
     "load_model",
     "parse",
+    "save_run",
     "write_model",
 ]

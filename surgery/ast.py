@@ -1,6 +1,8 @@
 """The typed AST of a `.surg` recipe: frozen pydantic models, every node with a source span.
 
-The AST is plain data. It round-trips through JSON (``Recipe.model_validate_json``) and its
+One import for every node: the shared ones (spans, leaves, selectors, ranks) live in
+:mod:`surgery.nodes`, each statement in its verb's module (:mod:`surgery.verbs`). The AST is
+plain data. It round-trips through JSON (``Recipe.model_validate_json``) and its
 JSON schema (``recipe_json_schema()``) is shipped for editors.
 
 >>> from surgery.parse import parse
@@ -13,9 +15,9 @@ True
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 __all__ = [
     "And",
@@ -47,6 +49,7 @@ __all__ = [
     "Sparsify",
     "Split",
     "Statement",
+    "StatementNode",
     "Str",
     "Target",
     "Truncate",
@@ -55,299 +58,39 @@ __all__ = [
 ]
 
 
-class Span(BaseModel):
-    """Half-open character range ``[start, end)`` of the source, with 1-based line/column."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    start: int
-    end: int
-    line: int
-    col: int
-    end_line: int
-    end_col: int
-
-
-class Node(BaseModel):
-    """Base of every AST node."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    span: Span
-
-
-# --- leaves ----------------------------------------------------------------------------
-
-
-class Name(Node):
-    """An identifier as written: a module type, backend, method, strategy..."""
-
-    value: str
-
-
-class Str(Node):
-    """A double-quoted string literal (value without quotes, escapes resolved)."""
-
-    value: str
-
-
-class Int(Node):
-    value: int
-
-
-class Number(Node):
-    """A number as written: ``0.25``, ``25%``, ``1M``, ``3e-4``.
-
-    ``value`` is the written number and ``unit`` its suffix; :attr:`magnitude` applies it
-    (``25%`` → 0.25, ``1M`` → 1e6).
-    """
-
-    value: float
-    unit: Literal["", "%", "K", "M", "G"] = ""
-
-    @property
-    def magnitude(self) -> float:
-        scale = {"": 1.0, "%": 0.01, "K": 1e3, "M": 1e6, "G": 1e9}[self.unit]
-        return self.value * scale
-
-
-class Flag(Node):
-    """A bare keyword option that is either there or not (e.g. ``keep if faster``)."""
-
-
-# --- selectors -------------------------------------------------------------------------
-
-
-class Compare(Node):
-    """``FIELD OP VALUE`` over a measured fact of a module, e.g. ``params > 1M``."""
-
-    kind: Literal["compare"] = "compare"
-    field: Name
-    op: Literal[">", ">=", "<", "<=", "==", "!="]
-    value: Number
-
-
-class Match(Node):
-    """``name ~ "glob"``: the module path matches a shell-style glob."""
-
-    kind: Literal["match"] = "match"
-    pattern: Str
-
-
-class And(Node):
-    kind: Literal["and"] = "and"
-    items: list[Predicate]
-
-
-class Or(Node):
-    kind: Literal["or"] = "or"
-    items: list[Predicate]
-
-
-class Not(Node):
-    kind: Literal["not"] = "not"
-    item: Predicate
-
-
-Predicate = Annotated[Union[Compare, Match, And, Or, Not], Field(discriminator="kind")]  # noqa: UP007
-
-
-class Selector(Node):
-    """Which modules a statement applies to: a type and/or a ``where`` predicate."""
-
-    type: Name | None = None
-    where: Predicate | None = None
-
-
-# --- options ---------------------------------------------------------------------------
-
-
-class Rank(Node):
-    """``rank = 0.25`` (fraction of full rank), ``rank = 128`` (absolute), ``rank = energy 0.9``.
-
-    A number written with a decimal point or ``%`` is a fraction; an integer is absolute.
-    """
-
-    kind: Literal["fraction", "absolute", "energy"]
-    value: Number
-
-
-class Budget(Node):
-    """``budget params 50% [by sensitivity]``: a global budget shared by all layers the
-    selector matches; ``by`` names how layers are weighed against each other (default: their
-    spectra alone)."""
-
-    resource: Literal["params", "flops"]
-    value: Number
-    by: Name | None = None
-
-
-# --- statements ------------------------------------------------------------------------
-
-
-class Target(Node):
-    """``target tvm llvm [trials 64]``: where to lower and measure."""
-
-    verb: Literal["target"] = "target"
-    backend: Name
-    device: Name | None = None
-    trials: Int | None = None
-
-
-class Calibrate(Node):
-    """``calibrate with "calib.pt" [samples 128] [batch 8]``."""
-
-    verb: Literal["calibrate"] = "calibrate"
-    source: Str
-    samples: Int | None = None
-    batch: Int | None = None
-
-
-class Decompose(Node):
-    """``decompose SELECTOR [rank = R] [method M] [round N] [progressive K steps] [keep if faster]
-    [budget params|flops P]``."""
-
-    verb: Literal["decompose"] = "decompose"
-    selector: Selector
-    rank: Rank | None = None
-    method: Name | None = None
-    round: Int | None = None
-    progressive: Int | None = None
-    keep_if_faster: Flag | None = None
-    budget: Budget | None = None
-
-
-class Group(Node):
-    """``group kv = G`` (GQA/MQA) or ``group q = Gq kv = Gkv`` (GQKVA)."""
-
-    verb: Literal["group"] = "group"
-    q: Int | None = None
-    kv: Int
-
-
-class SkipTokens(Node):
-    """``skip tokens 55% after block 3 [until block 9]`` (SkipViT)."""
-
-    verb: Literal["skip"] = "skip"
-    ratio: Number
-    after: Int
-    until: Int | None = None
-
-
-class Split(Node):
-    """``split Conv3d exact`` or ``split Conv3d (2+1)d [add|cat] [rank = R]``."""
-
-    verb: Literal["split"] = "split"
-    selector: Selector
-    mode: Name  # "exact" | "(2+1)d"
-    combine: Name | None = None  # "add" | "cat"
-    rank: Rank | None = None
-
-
-class Sparsify(Node):
-    """``sparsify SELECTOR N:M`` (semi-structured sparsity, e.g. 2:4)."""
-
-    verb: Literal["sparsify"] = "sparsify"
-    selector: Selector
-    n: Int
-    m: Int
-
-
-class Factorize(Node):
-    """``factorize SELECTOR dense-sparse basis B nonzeros K`` (DSFormer)."""
-
-    verb: Literal["factorize"] = "factorize"
-    selector: Selector
-    method: Name
-    basis: Int
-    nonzeros: Int
-
-
-class Regularize(Node):
-    """``regularize nuclear 3e-4 [every M steps]`` (trained rank pruning, while healing)."""
-
-    verb: Literal["regularize"] = "regularize"
-    method: Name
-    strength: Number
-    every: Int | None = None
-
-
-class Drop(Node):
-    """``drop attention|mlp N [by similarity]``: replace the least useful sublayers by identity."""
-
-    verb: Literal["drop"] = "drop"
-    sublayer: Name
-    count: Int
-    by: Name | None = None
-
-
-class Truncate(Node):
-    """``truncate blocks keep K uniform|pseudo-uniform`` or ``... keep K [i, j, ...]``."""
-
-    verb: Literal["truncate"] = "truncate"
-    keep: Int
-    strategy: Name | None = None
-    indices: list[Int] | None = None
-
-
-class Freeze(Node):
-    """``freeze first-factor|core|alternate`` (sequential freezing while healing)."""
-
-    verb: Literal["freeze"] = "freeze"
-    what: Name
-
-
-class Heal(Node):
-    """``heal steps N [lr X] [distill from original] [subset P [by importance]] [every M steps]``."""
-
-    verb: Literal["heal"] = "heal"
-    steps: Int
-    lr: Number | None = None
-    distill: Flag | None = None
-    subset: Number | None = None
-    by: Name | None = None
-    every: Int | None = None
-
-
-class Expect(Node):
-    """``expect params|flops|drift|speedup OP VALUE [on BACKEND]``: a contract on the result."""
-
-    verb: Literal["expect"] = "expect"
-    metric: Name
-    op: Literal[">", ">=", "<", "<=", "==", "!="]
-    value: Number
-    on: Name | None = None
-
-
-Statement = Annotated[
-    Union[  # noqa: UP007
-        Target,
-        Calibrate,
-        Decompose,
-        Group,
-        SkipTokens,
-        Split,
-        Sparsify,
-        Factorize,
-        Regularize,
-        Drop,
-        Truncate,
-        Freeze,
-        Heal,
-        Expect,
-    ],
-    Field(discriminator="verb"),
-]
-
-
-class Recipe(Node):
-    """A whole recipe: its statements in source order."""
-
-    statements: list[Statement]
-
-
-for _model in (And, Or, Not, Selector, Recipe):
-    _model.model_rebuild()
+from surgery.nodes import (
+    And,
+    Compare,
+    Flag,
+    Int,
+    Match,
+    Name,
+    Node,
+    Not,
+    Number,
+    Or,
+    Predicate,
+    Rank,
+    Selector,
+    Span,
+    StatementNode,
+    Str,
+)
+from surgery.verbs import Recipe, Statement
+from surgery.verbs.calibrate import Calibrate
+from surgery.verbs.decompose import Budget, Decompose
+from surgery.verbs.drop import Drop
+from surgery.verbs.expect import Expect
+from surgery.verbs.factorize import Factorize
+from surgery.verbs.freeze import Freeze
+from surgery.verbs.group import Group
+from surgery.verbs.heal import Heal
+from surgery.verbs.regularize import Regularize
+from surgery.verbs.skip import SkipTokens
+from surgery.verbs.sparsify import Sparsify
+from surgery.verbs.split import Split
+from surgery.verbs.target import Target
+from surgery.verbs.truncate import Truncate
 
 
 def strip_spans(node: BaseModel | Any) -> Any:

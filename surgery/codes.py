@@ -65,20 +65,16 @@ CODES: dict[str, str] = {
     # --- S032x: the model's inputs (surgery.cli); `skip tokens` -------------------------------
     "S0320": "the model's example or calibration inputs cannot be made or read",
     "S0321": "`skip tokens` block index out of range for the model",
-    "S0322": "`skip tokens` fraction outside [0%, 100%]",
     "S0323": "`skip tokens` on a model that already skips tokens",
     "S0324": "`skip tokens` on a model without a CLS token",
     # --- S033x: the output directory (surgery.cli); `drop` ------------------------------------
     "S0330": "the output directory exists (without `--force`) or cannot be replaced",
     "S0331": "`drop` of a sublayer other than `attention` or `mlp`",
-    "S0332": "`drop` by an unknown importance score",
     "S0333": "`drop` count out of range for the model",
     # --- S034x: `truncate` --------------------------------------------------------------------
     "S0340": "`truncate` found no repeated transformer blocks",
     "S0341": "`truncate keep` count out of range for the model",
     "S0342": "`truncate` block index out of range for the model",
-    "S0343": "`truncate` lists a different number of distinct blocks than it keeps",
-    "S0344": "`truncate` by an unknown strategy",
     # --- S035x: the operating system refused a file operation (surgery.cli) -------------------
     "S0350": "the output cannot be written (disk full, read-only, no permission)",
     "S0351": "the system refused a file operation",

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from surgery.ast import Span
+from surgery.nodes import Span
 
 __all__ = [
     "Diagnostic",

@@ -10,7 +10,7 @@ from typing import Any
 
 import networkx as nx
 
-__all__ = ["Analysis", "BlockInfo", "ModuleInfo"]
+__all__ = ["Analysis", "AttentionUnit", "BlockInfo", "ModuleInfo"]
 
 
 @dataclass
@@ -56,6 +56,25 @@ class BlockInfo:
     items: list[str]  # paths of its items in order, e.g. ["encoder.layer.0", ...]
 
 
+@dataclass(frozen=True)
+class AttentionUnit:
+    """One attention the dependency graph found: projections whose widths change together.
+
+    ``path`` is the module that owns the input projections, the attention proper (BERT's
+    ``attention.self``, GPT-2's ``attn``, LLaMA's ``self_attn``): what ``group`` rewrites and what
+    `surgery.transformer_arch` reads a head layout from.
+    """
+
+    path: str  # e.g. "encoder.layer.0.attention.self"
+    inputs: tuple[str, ...]  # the q/k/v projections, or one fused qkv projection
+    outputs: tuple[str, ...]  # the output projection(s), e.g. "...attention.output.dense"
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Every projection of the attention: what ``coupled`` edges join."""
+        return self.inputs + self.outputs
+
+
 @dataclass
 class Analysis:
     """What `surgery.graph.analyze` learned about a model.
@@ -66,6 +85,10 @@ class Analysis:
     ``kind="coupled"`` (added in both directions) when u and v must change together
     (q/k/v/o of one attention, the two factors of a decomposition, the members of one residual
     block); ``kind="contains"`` parent→child.
+
+    ``attentions`` are the attention units the ``coupled`` edges were built from, in module
+    order: the one answer to "where is the attention", which `surgery.transformer_arch` and the
+    ``group``, ``drop``, ``truncate`` and ``skip`` passes read.
     """
 
     modules: dict[str, ModuleInfo]
@@ -75,6 +98,7 @@ class Analysis:
     total_params: int
     total_flops: int
     warnings: list[str] = field(default_factory=list)
+    attentions: list[AttentionUnit] = field(default_factory=list)
 
     def coupled(self, path: str) -> set[str]:
         """Modules that must change together with ``path`` (not including itself)."""

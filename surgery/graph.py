@@ -27,7 +27,10 @@
        for models without such class names, a module with ≥3 projection children named like
        q/k/v (or one fused ``c_attn``/``qkv``) plus its output projection
        (``o_proj``/``out_proj``/``dense``/``c_proj``), looked for among its children and then in
-       an ``*out*`` sibling module (BERT's ``BertSelfOutput`` layout).
+       an ``*out*`` sibling module (BERT's ``BertSelfOutput`` layout). Each is an
+       :class:`~surgery.facts.AttentionUnit` in ``Analysis.attentions`` (see
+       :func:`attention_units`): the only place surgery looks for attention; the transformer
+       passes read their blocks and attentions from it.
     2. *Decomposition*: the ``first`` and ``second`` factors of one ``LowRankLinear``.
     3. *Residual stream*: in one block item, the attention output projection(s) and the MLP
        down projection (the last projection outside the attention with the same output width),
@@ -62,10 +65,10 @@ import torch
 from torch import nn
 
 from surgery.diagnostics import first_line
-from surgery.facts import Analysis, BlockInfo, ModuleInfo
+from surgery.facts import Analysis, AttentionUnit, BlockInfo, ModuleInfo
 from surgery.inputs import Inputs, flatten_outputs
 
-__all__ = ["analyze", "edges_of_kind", "kind_view"]
+__all__ = ["analyze", "attention_units", "edges_of_kind", "kind_view"]
 
 _PRIORITY = {"contains": 1, "data": 2, "coupled": 3}
 
@@ -357,14 +360,27 @@ def _projections_under(root: str, m: nn.Module, types: dict[int, str]) -> list[s
     return found
 
 
-def _attention_groups(
+def _owner(container: str, inputs: list[str]) -> str:
+    """The module that owns an attention's input projections (the attention proper): their
+    parent, those named like q/k/v first, else the deepest module that holds them all."""
+    named = [p for p in inputs if p.rsplit(".", 1)[-1] in _QKV_NAMES | _FUSED_QKV_NAMES]
+    parents = {p.rsplit(".", 1)[0] if "." in p else "" for p in named or inputs}
+    common: list[str] = []
+    for level in zip(*(p.split(".") for p in parents), strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or container
+
+
+def _attention_units(
     named: list[tuple[str, nn.Module]],
-    modules: dict[str, nn.Module],
     block_lists: set[str],
     types: dict[int, str],
-) -> list[tuple[list[str], list[str]]]:
-    """[(members, output projections)] for each attention found by the rules in the docstring."""
-    groups: list[tuple[list[str], list[str]]] = []
+) -> list[AttentionUnit]:
+    """Each attention found by the rules in the module docstring, in module order."""
+    modules = dict(named)
+    units: list[AttentionUnit] = []
     claimed: list[str] = []  # attention containers already grouped
 
     def inside_claimed(path: str) -> bool:
@@ -379,7 +395,8 @@ def _attention_groups(
             if not outs and members:
                 outs = [members[-1]]
             if len(members) >= 2:
-                groups.append((members, outs))
+                inputs = [p for p in members if p not in outs]
+                units.append(AttentionUnit(_owner(path, inputs), tuple(inputs), tuple(outs)))
             claimed.append(path)
     for path, m in named:
         if inside_claimed(path) or _is_projection(m, types):
@@ -389,7 +406,7 @@ def _attention_groups(
         fused = [n for n in kids if n in _FUSED_QKV_NAMES]
         if len(qkv) < 3 and not fused:
             continue
-        members = [f"{path}.{n}" if path else n for n in qkv + fused]
+        inputs = [f"{path}.{n}" if path else n for n in qkv + fused]
         outs = [f"{path}.{n}" if path else n for n in kids if n in _OUT_NAMES]
         if not outs and path:  # BERT layout: the output dense lives in a sibling `output` module
             parent = path.rsplit(".", 1)[0] if "." in path else ""
@@ -404,9 +421,29 @@ def _attention_groups(
                     for n, c in sib.named_children()
                     if _is_projection(c, types) and n in _OUT_NAMES
                 ]
-        groups.append((members + outs, outs))
+        units.append(AttentionUnit(path, tuple(inputs), tuple(outs)))
         claimed.append(path)
-    return groups
+    order = {path: i for i, (path, _) in enumerate(named)}
+    return sorted(units, key=lambda u: order.get(u.path, -1))
+
+
+def attention_units(model: nn.Module) -> list[AttentionUnit]:
+    """The attentions of ``model`` by the rules in the module docstring, in module order.
+
+    The one place that decides where attention is and which projections form one:
+    :func:`analyze` stores the result as ``Analysis.attentions`` and builds the ``coupled``
+    edges from it, and `surgery.transformer_arch` finds blocks and head layouts from it. Paths
+    are relative to ``model``, which itself is never an attention.
+
+    >>> class Mixer(nn.Module):  # no "Attention" in the class name: found by its children
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.q, self.k, self.v, self.o = (nn.Linear(4, 4) for _ in range(4))
+    >>> attention_units(nn.Sequential(Mixer()))
+    [AttentionUnit(path='0', inputs=('0.q', '0.k', '0.v'), outputs=('0.o',))]
+    """
+    named = [(p, m) for p, m in model.named_modules() if p]
+    return _attention_units(named, {b.path for b in _blocks(named)}, _type_names(named))
 
 
 def _coupled_edges(
@@ -414,9 +451,9 @@ def _coupled_edges(
     blocks: list[BlockInfo],
     infos: dict[str, ModuleInfo],
     types: dict[int, str],
+    units: list[AttentionUnit],
 ) -> set[tuple[str, str]]:
     modules = dict(named)
-    block_lists = {b.path for b in blocks}
     pairs: set[tuple[str, str]] = set()
 
     def couple(paths: Iterable[str]) -> None:
@@ -425,9 +462,8 @@ def _coupled_edges(
             for v in ps[i + 1 :]:
                 pairs.update(((u, v), (v, u)))
 
-    groups = _attention_groups(named, modules, block_lists, types)
-    for members, _ in groups:
-        couple(members)
+    for unit in units:
+        couple(unit.members)
 
     # Factors of one decomposition.
     for path, m in named:
@@ -440,10 +476,10 @@ def _coupled_edges(
     def nearest_item(path: str) -> str | None:
         return next((it for it in items if path.startswith(it + ".")), None)
 
-    in_attention = {p for members, _ in groups for p in members}
+    in_attention = {p for unit in units for p in unit.members}
     outs_by_item: dict[str, list[str]] = defaultdict(list)
-    for _, outs in groups:
-        for o in outs:
+    for unit in units:
+        for o in unit.outputs:
             it = nearest_item(o)
             if it is not None:
                 outs_by_item[it].append(o)
@@ -542,7 +578,8 @@ def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = Tru
             )
         for u, v in data:
             _add_edge(g, u, v, "data")
-    for u, v in _coupled_edges(named, blocks, infos, types):
+    units = _attention_units(named, {b.path for b in blocks}, types)
+    for u, v in _coupled_edges(named, blocks, infos, types, units):
         _add_edge(g, u, v, "coupled")
     return Analysis(
         modules=infos,
@@ -552,4 +589,5 @@ def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = Tru
         total_params=sum(p.numel() for p in model.parameters()),
         total_flops=total_flops,
         warnings=warn,
+        attentions=units,
     )

@@ -53,6 +53,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,8 +160,13 @@ def heal(
     *,
     freeze: ast.Freeze | None,
     hooks: list[TrainingHook],
+    regularizers: Sequence[ast.Regularize] = (),
 ) -> HealReport:
-    """Fine-tune ``model`` in place towards ``context.original`` (see the module docstring)."""
+    """Fine-tune ``model`` in place towards ``context.original`` (see the module docstring),
+    honouring the passes' ``hooks`` and the ``regularize`` statements that apply."""
+    from surgery.passes.regularize import hooks_for
+
+    hooks = [*hooks, *(h for r in regularizers for h in hooks_for(r, model))]
     teacher = context.original
     if teacher is None:
         raise ValueError("healing distils from the original model, but the context has none")

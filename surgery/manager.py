@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,7 +44,6 @@ from surgery.inputs import InputError, Inputs, calibration_inputs, example_input
 from surgery.load import LoadedModel
 from surgery.metrics import drift, padding_mask
 from surgery.passes import (
-    PASSES,
     Change,
     PassContext,
     PassError,
@@ -53,11 +52,12 @@ from surgery.passes import (
     TrainingHook,
     pass_for,
 )
+from surgery.program import HealStep, TargetSpec, lower
 from surgery.select import nearest_paths
 from surgery.support import RUN_VERBS
 from surgery.timing import LayerTimer, Speedup, measure_speedup
 
-__all__ = ["MANAGER_SUPPORT", "Contract", "Manager", "Run", "Step", "drift"]
+__all__ = ["MANAGER_SUPPORT", "Contract", "Manager", "Member", "Run", "Step", "drift"]
 
 # Statements the manager itself carries out: verb -> (implemented options, types).
 MANAGER_SUPPORT: dict[str, tuple[dict[str, set[str] | None], tuple[str, ...]]] = dict(RUN_VERBS)
@@ -76,6 +76,15 @@ class Step:
     seconds: float
     params: int  # of the whole model after this step
     family_member: int | None = None  # progressive step index, when the pass builds a family
+
+
+class Member(NamedTuple):
+    """One member of a progressive family, kept as it was: saved as ``OUT/step-<index>``."""
+
+    step: int  # which member (1-based): `progressive K steps` builds steps 1..K
+    model: nn.Module
+    drift: float  # on the probe batch
+    changes: list[Change]  # the provenance of this member: every change made before it was kept
 
 
 @dataclass
@@ -117,7 +126,7 @@ class Run:
     drift: float | None = None  # on the calibration inputs
     speed: Speedup | None = None
     contracts: list[Contract] = field(default_factory=list)
-    family: list[tuple[int, nn.Module, float]] = field(default_factory=list)  # (step, model, drift)
+    family: list[Member] = field(default_factory=list)
     heals: list[Any] = field(default_factory=list)  # surgery.heal.HealReport of each `heal`
     verifications: list[Any] = field(default_factory=list)  # surgery.backends.Verification
 
@@ -162,10 +171,6 @@ class _State:
     hooks: list[TrainingHook] = field(default_factory=list)
 
 
-def _calibrate_statement(recipe: ast.Recipe) -> ast.Calibrate | None:
-    return next((s for s in recipe.statements if isinstance(s, ast.Calibrate)), None)
-
-
 class Manager:
     """Runs ``recipe`` on a model (a :class:`LoadedModel` or a plain module)."""
 
@@ -181,6 +186,7 @@ class Manager:
         max_heal_steps: int | None = None,
     ) -> None:
         self.recipe = recipe
+        self.program = lower(recipe)
         self.loaded = model if isinstance(model, LoadedModel) else None
         self.model: nn.Module = model.model if isinstance(model, LoadedModel) else model
         self.recipe_dir = recipe_dir or Path.cwd()
@@ -188,7 +194,7 @@ class Manager:
         self.progress = progress
         self.seed = seed
         self.max_heal_steps = max_heal_steps  # a cap for quick trial runs of a recipe
-        self.extra_targets: list[tuple[str, str | None, int | None]] = []  # e.g. from --target
+        self.extra_targets: list[TargetSpec] = []  # e.g. from --target
         self._timer: LayerTimer | None = None
         self._probe: tuple[Inputs, Any] = (Inputs(), None)  # set by run(): (batch, outputs)
 
@@ -198,12 +204,10 @@ class Manager:
         return self.loaded if self.loaded is not None else self.model
 
     def _inputs(self) -> tuple[Inputs, list[Inputs]]:
-        stmt = _calibrate_statement(self.recipe)
-        samples = stmt.samples.value if stmt and stmt.samples else 16
-        batch = stmt.batch.value if stmt and stmt.batch else 8
+        spec = self.program.calibration
         source = None
-        if stmt is not None:
-            path = Path(stmt.source.value)
+        if spec.source is not None:
+            path = Path(spec.source)
             source = path if path.is_absolute() else self.recipe_dir / path
         try:
             example = example_inputs(self._source(), seed=self.seed)
@@ -212,7 +216,7 @@ class Manager:
                 raise
             example = None  # a model that cannot make its own inputs runs on the calibration file
         calibration = calibration_inputs(
-            source, self._source(), samples=samples, batch=batch, seed=self.seed
+            source, self._source(), samples=spec.samples, batch=spec.batch, seed=self.seed
         )
         if example is None:
             example = calibration[0]
@@ -240,7 +244,7 @@ class Manager:
         """
         from surgery.graph import analyze
 
-        self.extra_targets = list(targets or [])
+        self.extra_targets = [TargetSpec(*t) for t in targets or []]
         self._timer = None  # built on first use from this run's first target
         self._emit("preparing inputs", 0, 1)
         example, calibration = self._inputs()
@@ -285,39 +289,36 @@ class Manager:
             Diagnostic(code="S0302", message=w, severity="warning") for w in before.warnings
         )
         state = _State(model=model, analysis=before)
-        statements = list(self.recipe.statements)
-        work = [s for s in statements if s.verb in PASSES or s.verb == "heal"]
-        # A family's last member is saved after the heal statement that follows it, if any.
+        steps = self.program.steps
+        # A family's last member is saved after the heal step that follows it, if any.
         pending_member: int | None = None
-        for index, stmt in enumerate(work):
-            self._emit(f"line {stmt.span.line}: {stmt.verb}", index, len(work))
-            if stmt.verb == "heal":
-                self._heal(stmt, state, run, example, calibration, original)
+        for index, step in enumerate(steps):
+            stmt = step.statement
+            self._emit(f"line {stmt.span.line}: {stmt.verb}", index, len(steps))
+            if isinstance(step, HealStep):
+                self._heal(step, state, run, example, calibration, original)
                 if pending_member is not None:
                     self._add_member(run, pending_member, state.model)
                     pending_member = None
                 continue
-            later = statements[statements.index(stmt) + 1 :]
-            later_heal = next((s for s in later if s.verb == "heal"), None)
-            heal_next = index + 1 < len(work) and work[index + 1].verb == "heal"
-            members = pass_for(stmt, None).family_steps()
+            members = step.members
             for member in range(1, members + 1):
-                surgery_pass = pass_for(stmt, self._context(state, example, calibration, original))
-                surgery_pass.family_step = member
+                context = self._context(state, example, calibration, original)
+                surgery_pass = pass_for(stmt, context, member=member)
                 self._run_pass(surgery_pass, state, run, example, reference, ref_shapes)
                 if members == 1:
                     continue
                 if member < members:
-                    if later_heal is not None:
-                        self._heal(later_heal, state, run, example, calibration, original)
+                    if step.heal_between is not None:
+                        self._heal(step.heal_between, state, run, example, calibration, original)
                     self._add_member(run, member, state.model)
-                elif heal_next:
+                elif step.kept_after_next_heal:
                     pending_member = member
                 else:
                     self._add_member(run, member, state.model)
         model = state.model
         analysis = state.analysis
-        self._emit("passes done", len(work), len(work))
+        self._emit("passes done", len(steps), len(steps))
         run.model = model
         run.after = analysis if run.steps else before
         model.eval()  # measured and saved in inference mode; the original gets its mode back
@@ -355,9 +356,7 @@ class Manager:
                 progress=self.progress,
             )
         original.train(was_training)
-        run.contracts = [
-            self._contract(s, run) for s in self.recipe.statements if isinstance(s, ast.Expect)
-        ]
+        run.contracts = [self._contract(s, run) for s in self.program.contracts]
         return run
 
     def _probe_drift(self, model: nn.Module) -> float:
@@ -367,7 +366,9 @@ class Manager:
 
     def _add_member(self, run: Run, member: int, model: nn.Module) -> None:
         """Keep a copy of one member of a progressive family, with its drift."""
-        run.family.append((member, copy.deepcopy(model), self._probe_drift(model)))
+        run.family.append(
+            Member(member, copy.deepcopy(model), self._probe_drift(model), list(run.changes))
+        )
 
     def _context(
         self, state: _State, example: Inputs, calibration: list[Inputs], original: nn.Module
@@ -389,21 +390,13 @@ class Manager:
             from surgery.backends import get_backend
             from surgery.backends.latency import BackendTimer
 
-            specs = self._targets() or [("torch", "cpu", None)]
+            specs = self._targets() or [TargetSpec("torch", "cpu")]
             self._timer = BackendTimer(get_backend(*specs[0]))
         return self._timer
 
-    def _targets(self) -> list[tuple[str, str | None, int | None]]:
-        """(backend, device, trials) of the recipe's `target` statements, then the extra ones."""
-        return [
-            (
-                s.backend.value,
-                s.device.value if s.device else None,
-                s.trials.value if s.trials else None,
-            )
-            for s in self.recipe.statements
-            if isinstance(s, ast.Target)
-        ] + self.extra_targets
+    def _targets(self) -> list[TargetSpec]:
+        """The recipe's `target` statements, then the extra ones (``--target``)."""
+        return [*self.program.targets, *self.extra_targets]
 
     def _run_pass(
         self,
@@ -455,7 +448,7 @@ class Manager:
 
     def _heal(
         self,
-        stmt: ast.Heal,
+        step: HealStep,
         state: _State,
         run: Run,
         example: Inputs,
@@ -465,15 +458,7 @@ class Manager:
         """Fine-tune the current model towards the original's outputs (see `surgery.heal`)."""
         from surgery.heal import heal
 
-        statements = list(self.recipe.statements)
-        before = statements[: statements.index(stmt)]  # before any capping copy is made
-        freeze = next((s for s in reversed(before) if isinstance(s, ast.Freeze)), None)
-        hooks = list(state.hooks)
-        for s in before:
-            if isinstance(s, ast.Regularize):
-                from surgery.passes.regularize import hooks_for
-
-                hooks.extend(hooks_for(s, state.model))
+        stmt = step.statement
         context = self._context(state, example, calibration, original)
         if self.max_heal_steps is not None and stmt.steps.value > self.max_heal_steps:
             run.warnings.append(
@@ -487,7 +472,14 @@ class Manager:
             )
             capped = stmt.steps.model_copy(update={"value": self.max_heal_steps})
             stmt = stmt.model_copy(update={"steps": capped})
-        report = heal(state.model, stmt, context, freeze=freeze, hooks=hooks)
+        report = heal(
+            state.model,
+            stmt,
+            context,
+            freeze=step.freeze,
+            hooks=list(state.hooks),
+            regularizers=step.regularizers,
+        )
         run.heals.append(report)
         run.warnings.extend(context.warnings)
 

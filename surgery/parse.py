@@ -50,6 +50,7 @@ from surgery.diagnostics import (
     nearest,
     span_of,
 )
+from surgery.verbs import BY_KEYWORD, Verb
 
 __all__ = [
     "MAX_DIGITS",
@@ -70,22 +71,8 @@ MAX_NESTING = 64
 #: Most digits of a whole number (so every one fits a signed 64-bit integer).
 MAX_DIGITS = 18
 
-VERBS = (
-    "target",
-    "calibrate",
-    "decompose",
-    "group",
-    "skip",
-    "split",
-    "sparsify",
-    "factorize",
-    "regularize",
-    "drop",
-    "truncate",
-    "freeze",
-    "heal",
-    "expect",
-)
+#: Every statement keyword (from the one tuple of verbs, :data:`surgery.verbs.VERBS`).
+VERBS = tuple(BY_KEYWORD)
 
 # How value terminals are described in messages.
 _TERMINAL_WORDS = {
@@ -347,7 +334,14 @@ class _Methods(dict[str, Any]):
         self.build = build
 
     def __missing__(self, key: str) -> Any:
-        method = self[key] = getattr(self.build, key)
+        verb = BY_KEYWORD.get(key)
+        if verb is not None:  # a statement: its verb's node from the rule's children
+            method = functools.partial(self.build.statement, verb)
+        elif key.startswith("opt_") and not hasattr(self.build, key):
+            method = functools.partial(self.build.option, key.removeprefix("opt_"))
+        else:
+            method = getattr(self.build, key)
+        self[key] = method
         return method
 
 
@@ -355,7 +349,8 @@ class _Build:
     """Lark tree of one statement -> AST node. Positions are shifted by the statement offset.
 
     Each rule (or alias) ``r`` of the grammar is built by the method ``r(meta, children)``,
-    children first. The walk is iterative, so no tree is too deep for it (nesting is bounded
+    children first; a verb's rule by :meth:`statement`, an ``opt_<field>`` rule without a
+    method of its own by :meth:`option`. The walk is iterative, so no tree is too deep for it (nesting is bounded
     anyway, by :class:`_Words`, for the AST's own recursive consumers); it is not Lark's
     ``Transformer``, whose per-node wrappers cost more than building the node.
     """
@@ -389,7 +384,7 @@ class _Build:
                         for raw, v in zip(node.children, values)
                         if not (isinstance(raw, Token) and raw.type in keywords)
                     ]
-                built.append(getattr(self, node.data)(pos, values))
+                built.append(self.methods[node.data](pos, values))
                 extent.append(pos)
             else:
                 built.append(node)
@@ -400,7 +395,7 @@ class _Build:
     def _span(self, meta: tuple[int, int]) -> ast.Span:
         return self._located(self.offset + meta[0], self.offset + meta[1])
 
-    def _tspan(self, tok: Token) -> ast.Span:
+    def _tspan(self, tok: Token | _Tok) -> ast.Span:
         assert tok.start_pos is not None and tok.end_pos is not None
         return self._located(self.offset + tok.start_pos, self.offset + tok.end_pos)
 
@@ -542,23 +537,33 @@ class _Build:
     def _opt(self, key: str, value: Any, meta: Any) -> _Opt:
         return _Opt(key, value, self._span(meta))
 
-    def opt_rank(self, meta: Any, children: list[Any]) -> _Opt:
+    def _value(self, child: Any) -> Any:
+        """A child as a field value: a keyword that is a value (``attention``) or a name
+        becomes a :class:`~surgery.ast.Name`, a comparison its operator text."""
+        if isinstance(child, Token | _Tok):
+            if child.type == "CMP":
+                return str(child)
+            return ast.Name(value=str(child), span=self._tspan(child))
+        return child
+
+    def option(self, key: str, meta: Any, children: list[Any]) -> list[_Opt]:
+        """``opt_<key>``: the option's value (none: a flag; several: a list), followed by the
+        options nested in it (``subset 10% by importance``)."""
+        nested = [o for c in children if isinstance(c, list) for o in c]
+        values = [self._value(c) for c in children if not isinstance(c, list)]
+        if key == "indices":
+            value: Any = values
+        elif not values:
+            value = ast.Flag(span=self._span(meta))
+        else:
+            (value,) = values
+        return [self._opt(key, value, meta), *nested]
+
+    def opt_rank(self, meta: Any, children: list[Any]) -> list[_Opt]:
         rank: ast.Rank = children[0]
-        return self._opt("rank", rank.model_copy(update={"span": self._span(meta)}), meta)
+        return [self._opt("rank", rank.model_copy(update={"span": self._span(meta)}), meta)]
 
-    def opt_method(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("method", children[0], meta)
-
-    def opt_round(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("round", children[0], meta)
-
-    def opt_progressive(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("progressive", children[0], meta)
-
-    def opt_keep_if_faster(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("keep_if_faster", ast.Flag(span=self._span(meta)), meta)
-
-    def opt_budget(self, meta: Any, children: list[Any]) -> _Opt:
+    def opt_budget(self, meta: Any, children: list[Any]) -> list[_Opt]:
         resource, value, *by = children
         budget = ast.Budget(
             resource=str(resource),  # type: ignore[arg-type]
@@ -566,63 +571,11 @@ class _Build:
             by=by[0] if by else None,
             span=self._span(meta),
         )
-        return self._opt("budget", budget, meta)
+        return [self._opt("budget", budget, meta)]
 
     def budget_by(self, meta: Any, children: list[Any]) -> ast.Name:
         name: ast.Name = children[0]
         return name
-
-    def opt_trials(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("trials", children[0], meta)
-
-    def opt_samples(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("samples", children[0], meta)
-
-    def opt_batch(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("batch", children[0], meta)
-
-    def opt_combine(self, meta: Any, children: list[Any]) -> _Opt:
-        tok = children[0]
-        return self._opt("combine", ast.Name(value=str(tok), span=self._tspan(tok)), meta)
-
-    def opt_lr(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("lr", children[0], meta)
-
-    def opt_distill(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("distill", ast.Flag(span=self._span(meta)), meta)
-
-    def opt_subset(self, meta: Any, children: list[Any]) -> list[_Opt]:
-        opts = [self._opt("subset", children[0], meta)]
-        if len(children) > 1:
-            opts.append(children[1])
-        return opts
-
-    def heal_by(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("by", children[0], meta)
-
-    def opt_every(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("every", children[0], meta)
-
-    def regularize_every(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("every", children[0], meta)
-
-    def group_q(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("q", children[0], meta)
-
-    def skip_until(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("until", children[0], meta)
-
-    def drop_by(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("by", children[0], meta)
-
-    def expect_on(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("on", children[0], meta)
-
-    def strategy(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("strategy", children[0], meta)
-
-    def indices(self, meta: Any, children: list[Any]) -> _Opt:
-        return self._opt("indices", list(children), meta)
 
     def mode_exact(self, meta: Any, children: list[Any]) -> ast.Name:
         return ast.Name(value="exact", span=self._span(meta))
@@ -630,10 +583,8 @@ class _Build:
     def mode_2plus1d(self, meta: Any, children: list[Any]) -> ast.Name:
         return ast.Name(value="(2+1)d", span=self._span(meta))
 
-    def _options(self, verb: str, items: list[Any]) -> dict[str, Any]:
-        flat: list[_Opt] = []
-        for item in items:
-            flat.extend(item if isinstance(item, list) else [item])
+    def _options(self, verb: str, items: list[list[_Opt]]) -> dict[str, Any]:
+        flat = [opt for item in items for opt in item]
         seen: dict[str, _Opt] = {}
         for opt in flat:
             if opt.key in seen:
@@ -646,71 +597,15 @@ class _Build:
             seen[opt.key] = opt
         return {key: opt.value for key, opt in seen.items()}
 
-    # statements
-    def target(self, meta: Any, children: list[Any]) -> ast.Target:
-        names = [c for c in children if isinstance(c, ast.Name)]
-        opts = self._options("target", [c for c in children if not isinstance(c, ast.Name)])
-        device = names[1] if len(names) > 1 else None
-        return ast.Target(backend=names[0], device=device, span=self._span(meta), **opts)
-
-    def calibrate(self, meta: Any, children: list[Any]) -> ast.Calibrate:
-        opts = self._options("calibrate", children[1:])
-        return ast.Calibrate(source=children[0], span=self._span(meta), **opts)
-
-    def decompose(self, meta: Any, children: list[Any]) -> ast.Decompose:
-        opts = self._options("decompose", children[1:])
-        return ast.Decompose(selector=children[0], span=self._span(meta), **opts)
-
-    def group(self, meta: Any, children: list[Any]) -> ast.Group:
-        opts = self._options("group", [c for c in children if isinstance(c, _Opt)])
-        return ast.Group(kv=children[-1], span=self._span(meta), **opts)
-
-    def skip(self, meta: Any, children: list[Any]) -> ast.SkipTokens:
-        opts = self._options("skip", children[2:])
-        return ast.SkipTokens(ratio=children[0], after=children[1], span=self._span(meta), **opts)
-
-    def split(self, meta: Any, children: list[Any]) -> ast.Split:
-        opts = self._options("split", children[2:])
-        return ast.Split(selector=children[0], mode=children[1], span=self._span(meta), **opts)
-
-    def sparsify(self, meta: Any, children: list[Any]) -> ast.Sparsify:
-        selector, n, m = children
-        return ast.Sparsify(selector=selector, n=n, m=m, span=self._span(meta))
-
-    def factorize(self, meta: Any, children: list[Any]) -> ast.Factorize:
-        selector, method, basis, nonzeros = children
-        return ast.Factorize(
-            selector=selector, method=method, basis=basis, nonzeros=nonzeros, span=self._span(meta)
-        )
-
-    def regularize(self, meta: Any, children: list[Any]) -> ast.Regularize:
-        opts = self._options("regularize", children[2:])
-        return ast.Regularize(
-            method=children[0], strength=children[1], span=self._span(meta), **opts
-        )
-
-    def drop(self, meta: Any, children: list[Any]) -> ast.Drop:
-        sub_tok, count = children[0], children[1]
-        opts = self._options("drop", children[2:])
-        sublayer = ast.Name(value=str(sub_tok), span=self._tspan(sub_tok))
-        return ast.Drop(sublayer=sublayer, count=count, span=self._span(meta), **opts)
-
-    def truncate(self, meta: Any, children: list[Any]) -> ast.Truncate:
-        opts = self._options("truncate", children[1:])
-        return ast.Truncate(keep=children[0], span=self._span(meta), **opts)
-
-    def freeze(self, meta: Any, children: list[Any]) -> ast.Freeze:
-        return ast.Freeze(what=children[0], span=self._span(meta))
-
-    def heal(self, meta: Any, children: list[Any]) -> ast.Heal:
-        opts = self._options("heal", children[1:])
-        return ast.Heal(steps=children[0], span=self._span(meta), **opts)
-
-    def expect(self, meta: Any, children: list[Any]) -> ast.Expect:
-        metric_tok, op_tok, value = children[:3]
-        opts = self._options("expect", children[3:])
-        metric = ast.Name(value=str(metric_tok), span=self._tspan(metric_tok))
-        return ast.Expect(metric=metric, op=str(op_tok), value=value, span=self._span(meta), **opts)
+    def statement(self, verb: Verb, meta: Any, children: list[Any]) -> Any:
+        """A verb's statement: the rule's value children fill ``verb.positional`` in order,
+        its options the fields they name."""
+        options = [c for c in children if isinstance(c, list)]
+        values = [self._value(c) for c in children if not isinstance(c, list)]
+        assert len(values) <= len(verb.positional), (verb.keyword, values)
+        fields = dict(zip(verb.positional, values, strict=False))
+        fields.update(self._options(verb.keyword, options))
+        return verb.node(span=self._span(meta), **fields)
 
 
 # --- syntax errors -> diagnostics ------------------------------------------------------

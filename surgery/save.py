@@ -35,7 +35,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_model as st_load_model
@@ -46,14 +46,19 @@ from surgery import __version__
 from surgery.load import ModelLoadError, _json_type, _reason, _shown, rebuild_base
 from surgery.modules import SurgeryModule, build
 
+if TYPE_CHECKING:
+    from surgery.manager import Run
+
 __all__ = [
     "FORMAT",
     "OutputError",
     "atomic_directory",
     "load",
     "remove_stale_temporaries",
+    "save_run",
     "surgery_modules",
     "write_model",
+    "write_run",
 ]
 
 FORMAT = "surgery/1"
@@ -395,3 +400,84 @@ def atomic_directory(
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+# --- a whole run: what `surgery apply` writes, and what the Python API writes the same way ---
+
+
+def write_run(
+    run: Run,
+    directory: str | Path,
+    *,
+    recipe_source: str | None = None,
+    recipe: str = "recipe.surg",
+    model: str = "model",
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write every file of a run's output into ``directory`` (which exists); return the plan.
+
+    ``OUT/`` holds the surgered model (``model.safetensors``, ``surgery.json``, the base
+    model's side files), ``step-K/`` for each member of a progressive family (its
+    ``surgery.json`` records only the changes made before that member was kept),
+    ``recipe.surg`` (the source as written; canonical text when not given), ``plan.json`` and
+    ``report.md``. ``recipe`` and ``model`` are how the plan and report name their inputs.
+    ``base`` describes the base architecture when the run's model was not loaded by
+    :func:`surgery.load_model` (e.g. ``{"kind": "factory", "arch": "pkg.mod:factory"}``).
+    """
+    from surgery.fmt import format_recipe
+    from surgery.load import save_base_files
+    from surgery.report import plan_dict, report_markdown
+
+    directory = Path(directory)
+    loaded = run.loaded
+    if base is None:
+        if loaded is None:
+            raise OutputError(
+                "the run's model was not loaded by `surgery.load_model`, so nothing says how "
+                "to rebuild its architecture",
+                help='pass `base={"kind": "factory", "arch": "package.module:factory"}`',
+            )
+        base = loaded.base
+    source = recipe_source if recipe_source is not None else format_recipe(run.recipe)
+    plan = plan_dict(run, recipe=recipe, model=model)
+    report = report_markdown(run, recipe=recipe, model=model, recipe_source=source)
+    write_model(run.model, base, directory, changes=[c.as_dict() for c in run.changes])
+    if loaded is not None:
+        save_base_files(loaded, directory)
+    for member in run.family:
+        member_dir = directory / f"step-{member.step}"
+        write_model(member.model, base, member_dir, changes=[c.as_dict() for c in member.changes])
+        if loaded is not None:
+            save_base_files(loaded, member_dir)
+    (directory / "recipe.surg").write_text(source, encoding="utf-8")
+    (directory / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+    (directory / "report.md").write_text(report, encoding="utf-8")
+    return plan
+
+
+def save_run(
+    run: Run,
+    out: str | Path,
+    *,
+    force: bool = False,
+    recipe_source: str | None = None,
+    recipe: str = "recipe.surg",
+    model: str = "model",
+    base: dict[str, Any] | None = None,
+) -> Path:
+    """Write a run's output to ``out`` atomically, as ``surgery apply`` does (:func:`write_run`
+    into :func:`atomic_directory`); ``out`` may not be the input model. Returns ``out``.
+
+    >>> import tempfile, torch, surgery
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    >>> model.example_inputs = (torch.randn(2, 8),)  # what the run feeds it
+    >>> run = surgery.Manager(surgery.parse("decompose Linear rank = 2"), model).run(measure=False)
+    >>> out = save_run(run, Path(tempfile.mkdtemp()) / "out",
+    ...                base={"kind": "factory", "arch": "pkg:tiny"})
+    >>> sorted(p.name for p in out.iterdir())
+    ['model.safetensors', 'plan.json', 'recipe.surg', 'report.md', 'surgery.json']
+    """
+    protect = [run.loaded.source] if run.loaded is not None else []
+    with atomic_directory(out, force=force, protect=protect) as tmp:
+        write_run(run, tmp, recipe_source=recipe_source, recipe=recipe, model=model, base=base)
+    return Path(out)

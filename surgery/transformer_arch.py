@@ -3,9 +3,16 @@
 The ``group``, ``skip``, ``drop`` and ``truncate`` passes all ask the same questions of a
 model: where are the repeated blocks, where is each block's attention and MLP, how many
 query/key-value heads does an attention have, is its layer-norm placement pre- or post-residual,
-and does the model have a CLS token. This module answers them from module structure alone
-(attribute names and class names of the HF implementations in transformers 5.x), so that it
-also works on models built from a config without running them.
+and does the model have a CLS token.
+
+*Where* the attention is, this module never decides itself: it reads the attention units of the
+dependency graph (:func:`surgery.graph.attention_units`, stored by ``analyze`` as
+``Analysis.attentions``; the passes hand over their analysis's units, other callers let them be
+found afresh). Every function that takes ``units`` builds on that one answer. What a graph cannot
+say is added here, from module structure alone (attribute and class names of the HF
+implementations in transformers 5.x, so it also works on models built from a config without
+running them): an attention's family and head layout, which module list holds the blocks, and
+where a block's sublayers begin and end.
 
 Attention families (``AttentionSite.family``):
 
@@ -34,11 +41,15 @@ Attention families (``AttentionSite.family``):
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from surgery.facts import AttentionUnit
+from surgery.graph import attention_units
 
 __all__ = [
     "AttentionSite",
@@ -145,7 +156,8 @@ def _forward_params(m: nn.Module) -> set[str]:
 
 
 def _site(path: str, m: Any, block: int) -> AttentionSite | None:
-    """Classify one module as a self-attention of a known family, or None."""
+    """The head layout of one attention module the graph found, if its family is in the table
+    above; None for any other module (cross-attention, unknown layouts)."""
     from surgery.modules.attention import GroupedAttention
 
     name = type(m).__name__
@@ -229,11 +241,35 @@ def _site(path: str, m: Any, block: int) -> AttentionSite | None:
     return None
 
 
-def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated transformer blocks: the longest ``ModuleList`` of one class holding attention.
+def _units(model: nn.Module, units: Sequence[AttentionUnit] | None) -> Sequence[AttentionUnit]:
+    return attention_units(model) if units is None else units
+
+
+def _sites(model: nn.Module, units: Iterable[AttentionUnit]) -> list[AttentionSite]:
+    """The attention units whose module is of a family in the table above, in module order."""
+    sites = (_site(unit.path, get_module(model, unit.path), 0) for unit in units)
+    return [site for site in sites if site is not None]
+
+
+def _item_of(list_path: str, path: str) -> tuple[int, str] | None:
+    """(item index, path inside the item) of ``path`` strictly inside an item of the
+    ``ModuleList`` at ``list_path``; None elsewhere."""
+    prefix = f"{list_path}." if list_path else ""
+    if not path.startswith(prefix):
+        return None
+    item, _, rel = path[len(prefix) :].partition(".")
+    return (int(item), rel) if item.isdigit() and rel else None
+
+
+def block_list(
+    model: nn.Module, units: Sequence[AttentionUnit] | None = None
+) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer blocks: the longest ``ModuleList`` of one class whose items hold
+    an attention of a known family.
 
     Raises ``LookupError`` when the model has none.
     """
+    sites = _sites(model, _units(model, units))
     best: tuple[str, nn.ModuleList] | None = None
     for path, m in model.named_modules():
         inner = getattr(m, "inner", None)  # a TokenSkipLayers wrapper stands for its list
@@ -244,7 +280,7 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
             path = f"{path}.inner"
         # Blocks share one class; a block whose attention was dropped still counts.
         if len({type(item) for item in lst}) != 1 or not any(
-            attention_of_block(i) is not None for i in lst
+            _item_of(path, s.path) is not None for s in sites
         ):
             continue
         if best is None or len(lst) > len(best[1]):
@@ -255,49 +291,34 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def attention_of_block(block: nn.Module) -> tuple[str, AttentionSite] | None:
-    """(relative path, site) of the self-attention inside one block, outermost first."""
-    for rel, m in block.named_modules():
-        if rel == "":
-            continue
-        site = _site(rel, m, 0)
-        if site is not None:
-            return rel, site
-    return None
+    """(relative path, site) of the first attention of a known family inside one block."""
+    sites = _sites(block, attention_units(block))
+    return (sites[0].path, sites[0]) if sites else None
 
 
-def attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """Every block's self-attention, in block order, with full dotted paths."""
-    path, blocks = block_list(model)
-    sites = []
-    for i, blk in enumerate(blocks):
-        found = attention_of_block(blk)
-        if found is None:
-            continue
-        rel, s = found
-        sites.append(
-            AttentionSite(
-                f"{path}.{i}.{rel}",
-                i,
-                s.family,
-                s.num_heads,
-                s.q_heads,
-                s.kv_heads,
-                s.head_dim,
-                s.hidden_size,
-                s.causal,
-            )
-        )
-    return sites
+def attention_sites(
+    model: nn.Module, units: Sequence[AttentionUnit] | None = None
+) -> list[AttentionSite]:
+    """Every block's (first) self-attention of a known family, in block order, with full
+    dotted paths."""
+    units = _units(model, units)
+    path, _ = block_list(model, units)
+    first: dict[int, AttentionSite] = {}
+    for s in _sites(model, units):  # module order: the first one of each block wins
+        found = _item_of(path, s.path)
+        if found is not None:
+            first.setdefault(found[0], replace(s, block=found[0]))
+    return [first[i] for i in sorted(first)]
 
 
-def has_cls_token(model: nn.Module) -> bool:
+def has_cls_token(model: nn.Module, units: Sequence[AttentionUnit] | None = None) -> bool:
     """True for encoders whose position 0 is a CLS token (ViT, BERT-style text encoders).
 
     Causal (decoder) attention rules it out; a ``cls_token`` parameter (ViT, DeiT) or a
     bidirectional BERT-family text encoder (whose tokenizer prepends ``[CLS]``/``<s>``) has one.
     """
     try:
-        sites = attention_sites(model)
+        sites = attention_sites(model, units)
     except LookupError:
         return False
     if not sites or any(s.causal for s in sites):
@@ -326,22 +347,41 @@ def _child_path(block: nn.Module, *names: str) -> str | None:
     return None
 
 
-def sublayers(model: nn.Module, kind: Literal["attention", "mlp"]) -> list[Sublayer]:
-    """The attention or MLP sublayer of every block, with how to score and remove it."""
+def _attention_child(bpath: str, block: nn.Module, units: Sequence[AttentionUnit]) -> str | None:
+    """The child of the block at ``bpath`` that holds its first attention unit (of any family),
+    unless that child is a list of nested blocks rather than a sublayer."""
+    prefix = f"{bpath}."
+    for unit in units:
+        if unit.path.startswith(prefix):
+            child = unit.path[len(prefix) :].split(".", 1)[0]
+            return None if isinstance(block.get_submodule(child), nn.ModuleList) else child
+    return None
+
+
+def sublayers(
+    model: nn.Module,
+    kind: Literal["attention", "mlp"],
+    units: Sequence[AttentionUnit] | None = None,
+) -> list[Sublayer]:
+    """The attention or MLP sublayer of every block, with how to score and remove it.
+
+    A block's attention sublayer is its child that holds the block's attention unit; its MLP is
+    the child named ``mlp``/``feed_forward``/``ffn`` (BERT: ``intermediate`` + ``output``), since
+    a graph cannot tell where an MLP module begins (a fused-expert MoE has no projection to find).
+    """
     from surgery.modules.identity import IdentitySublayer
 
-    path, blocks = block_list(model)
+    units = _units(model, units)
+    path, blocks = block_list(model, units)
     found: list[Sublayer] = []
     for i, blk in enumerate(blocks):
         bpath = f"{path}.{i}"
-        att = attention_of_block(blk)
-        post = _child_path(blk, "attention.output.LayerNorm") is not None and att is not None
-        if post:  # BERT: attention = BertAttention (self + output incl. residual LayerNorm)
+        att = _attention_child(bpath, blk, units)  # None once dropped: an identity has no unit
+        if att is not None and _child_path(blk, f"{att}.output.LayerNorm") is not None:
+            # post-LN (BERT): the attention child is BertAttention (self + output incl. the
+            # residual LayerNorm)
             if kind == "attention":
-                mod = blk.get_submodule("attention")
-                if isinstance(mod, IdentitySublayer):
-                    continue
-                p = f"{bpath}.attention"
+                p = f"{bpath}.{att}"
                 found.append(Sublayer(i, kind, bpath, "post", p, p, {p: ("input", True)}))
             else:
                 inter, out = _child_path(blk, "intermediate"), _child_path(blk, "output")
@@ -365,7 +405,7 @@ def sublayers(model: nn.Module, kind: Literal["attention", "mlp"]) -> list[Subla
                 )
             continue
         if kind == "attention":
-            name = _child_path(blk, "self_attn", "attn", "attention")
+            name = att
             tuple_out = True
         else:
             name = _child_path(blk, "mlp", "feed_forward", "ffn")

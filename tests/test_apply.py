@@ -20,7 +20,6 @@ from surgery.lowrank import lowrank_params, svd_factors
 from surgery.manager import Manager
 from surgery.modules import LowRankLinear
 from surgery.parse import parse
-from surgery.passes.decompose import lowrank_linear_from
 from surgery.save import write_model
 from tests.helpers_models import tiny_bert, tiny_llama, wide_mlp
 
@@ -62,7 +61,7 @@ def test_full_rank_decomposition_reproduces_outputs_float64() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(48, 80).double()
     x = torch.randn(7, 48, dtype=torch.float64)
-    low = lowrank_linear_from(linear, svd_factors(linear.weight, 48))
+    low = LowRankLinear.from_factors(linear, svd_factors(linear.weight, 48))
     torch.testing.assert_close(low(x), linear(x), rtol=1e-12, atol=1e-12)
 
 
@@ -73,7 +72,9 @@ def test_decomposed_bert_at_full_rank_reproduces_outputs_float64() -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and "encoder" in name:
             full = min(module.in_features, module.out_features)
-            model.set_submodule(name, lowrank_linear_from(module, svd_factors(module.weight, full)))
+            model.set_submodule(
+                name, LowRankLinear.from_factors(module, svd_factors(module.weight, full))
+            )
     got = flatten_outputs(ins.call(model))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)

@@ -1,8 +1,8 @@
 """The checker: golden diagnostics of invalid recipes, plus rules the fixtures do not cover.
 
-``tests/invalid/NNN-short-name.surg`` each hold one mistake a user makes; the sibling
-``.stderr`` is what ``surgery check tests/invalid/NNN-short-name.surg`` prints, byte for byte,
-run from the repository root. Regenerate them with ``pytest --update-golden``.
+``tests/golden/invalid/NNN-short-name.surg`` each hold one mistake a user makes; the sibling
+``.stderr`` is what ``surgery check tests/golden/invalid/NNN-short-name.surg`` prints, byte for
+byte, run from the repository root. Regenerate them with ``pytest --update-golden``.
 
 The goldens are rendered against a *complete* support table (every verb and option
 implemented), so that each fixture shows its one mistake and does not change every time a
@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ from surgery.diagnostics import render_all
 from surgery.parse import VERBS, parse, parse_statements
 
 ROOT = Path(__file__).resolve().parents[1]
-INVALID = sorted((ROOT / "tests" / "invalid").glob("*.surg"))
+INVALID_DIR = ROOT / "tests" / "golden" / "invalid"
+INVALID = sorted(INVALID_DIR.glob("*.surg"))
 CHECK_MODULE = sys.modules["surgery.check"]  # `surgery.check` the attribute is the function
 
 # Every option name the checker asks the support table about.
@@ -82,15 +84,6 @@ def full_support() -> Support:
     return table
 
 
-def assert_golden(path: Path, actual: str, update: bool) -> None:
-    if update:
-        path.write_bytes(actual.encode("utf-8"))
-        return
-    assert path.exists(), f"missing golden {path}; run `pytest --update-golden`"
-    expected = path.read_bytes().decode("utf-8")
-    assert actual == expected, f"{path.name} differs; run `pytest --update-golden` if intended"
-
-
 def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
@@ -107,7 +100,7 @@ def test_there_are_enough_invalid_fixtures() -> None:
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
 def test_invalid_recipe_golden(
     path: Path,
-    update_golden: bool,
+    golden: Callable[[Path, str], None],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -124,12 +117,12 @@ def test_invalid_recipe_golden(
     assert headers, err
     assert len(locations) == len(headers), err
     assert err.endswith(f"error: {rel}: {len(headers)} error{'s' if len(headers) > 1 else ''}\n")
-    assert_golden(path.with_suffix(".stderr"), err, update_golden)
+    golden(path.with_suffix(".stderr"), err)
 
 
 def test_golden_files_have_a_recipe() -> None:
     stems = {p.stem for p in INVALID}
-    orphans = [p.name for p in (ROOT / "tests" / "invalid").glob("*.stderr") if p.stem not in stems]
+    orphans = [p.name for p in INVALID_DIR.glob("*.stderr") if p.stem not in stems]
     assert not orphans
 
 
@@ -145,7 +138,9 @@ def test_invalid_recipes_through_the_console_script() -> None:
     for rel in rels:
         assert f"error: {rel}: " in text.stderr, rel
     headers = re.findall(r"^error\[S\d{4}\]", text.stderr, flags=re.M)
-    locations = re.findall(r"^ *--> tests/invalid/\d{3}-[\w-]+\.surg:\d+:\d+$", text.stderr, re.M)
+    locations = re.findall(
+        r"^ *--> tests/golden/invalid/\d{3}-[\w-]+\.surg:\d+:\d+$", text.stderr, re.M
+    )
     assert len(headers) == len(locations)
 
     as_json = subprocess.run(

@@ -29,8 +29,8 @@ from surgery.cli import _internal_error, main
 ROOT = Path(__file__).resolve().parents[1]
 SURGERY = str(Path(sys.executable).with_name("surgery"))
 OK_RECIPE = "recipes/minilm-lowrank.surg"
-INVALID_RECIPE = "tests/invalid/015-kv-zero.surg"
-MULTI_ERROR_RECIPE = "tests/invalid/032-multiple-errors.surg"
+INVALID_RECIPE = "tests/golden/invalid/015-kv-zero.surg"
+MULTI_ERROR_RECIPE = "tests/golden/invalid/032-multiple-errors.surg"
 UNFORMATTED = "group   kv=2 ;skip tokens 55% after  block 3 # SkipViT\ndecompose Linear rank=0.5\n"
 FORMATTED = "group kv = 2\nskip tokens 55% after block 3  # SkipViT\ndecompose Linear rank = 0.5\n"
 

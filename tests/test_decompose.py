@@ -27,12 +27,8 @@ from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.parse import parse
 from surgery.passes.base import PassContext
-from surgery.passes.decompose import (
-    DecomposePass,
-    _lowrank_conv_from,
-    collect_input_stats,
-    lowrank_linear_from,
-)
+from surgery.passes.calibration_stats import collect_input_stats
+from surgery.passes.decompose import DecomposePass
 from tests.helpers_models import tiny_bert, tiny_gpt2
 
 F64 = torch.float64
@@ -70,14 +66,14 @@ def test_every_method_is_exact_at_full_rank(out_f: int, in_f: int, seed: int) ->
         asvd_factors(lin.weight, X.abs().mean(0), full),
         svd_llm_factors(lin.weight, X.T @ X, full),
     ):
-        module = lowrank_linear_from(lin, f)
+        module = LowRankLinear.from_factors(lin, f)
         torch.testing.assert_close(module(X), lin(X), rtol=1e-8, atol=1e-8)
 
 
 def test_conv1x1_pair_is_exact_at_full_rank_with_stride_and_padding() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, 1, stride=2, padding=1, dtype=F64)
-    pair = _lowrank_conv_from(conv, svd_factors(conv.weight[:, :, 0, 0], 5))
+    pair = LowRankConv2d.from_factors(conv, svd_factors(conv.weight[:, :, 0, 0], 5))
     x = torch.randn(2, 6, 7, 7, dtype=F64)
     torch.testing.assert_close(pair(x), conv(x))
     assert isinstance(pair, LowRankConv2d)

@@ -252,7 +252,7 @@ def test_the_fast_parse_path_equals_larks(monkeypatch: pytest.MonkeyPatch) -> No
     sources = [p.read_text(encoding="utf-8") for p in sorted(root.glob("recipes/*.surg"))]
     sources += [
         p.read_text(encoding="utf-8", errors="replace")
-        for p in sorted(root.glob("tests/invalid/*.surg"))
+        for p in sorted(root.glob("tests/golden/invalid/*.surg"))
     ]
     r = random.Random(7)
     seeds = _seeds()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from surgery.graph import analyze, edges_of_kind, kind_view
+from surgery.graph import analyze, attention_units, edges_of_kind, kind_view
 from surgery.inputs import Inputs, example_inputs
 from surgery.modules import LowRankLinear
 from tests.helpers_models import Untraceable, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
@@ -238,3 +238,35 @@ def test_inputs_the_model_rejects() -> None:
     assert not a.traced and a.total_flops == 0
     assert len(a.warnings) == 1 and a.warnings[0].startswith("could not run TinyMLP on the inputs")
     assert a.modules["fc1"].in_features == 8
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_gpt2, tiny_llama, tiny_vit])
+def test_the_transformer_passes_find_attention_where_the_graph_does(factory) -> None:  # type: ignore[no-untyped-def]
+    from surgery.transformer_arch import attention_sites, block_list
+
+    model = factory()
+    a = analyze(model)
+    assert a.attentions == attention_units(model)
+    sites = attention_sites(model, a.attentions)
+    assert [s.path for s in sites] == [u.path for u in a.attentions]
+    assert [(s.path, s.block) for s in sites] == [(s.path, s.block) for s in attention_sites(model)]
+    path, blocks = block_list(model, a.attentions)
+    assert path in {b.path for b in a.blocks} and len(blocks) == 2
+    for unit in a.attentions:  # each unit's projections are coupled with one another
+        for member in unit.members:
+            assert set(unit.members) - {member} <= a.coupled(member)
+
+
+def test_attention_units_name_the_module_that_owns_the_projections() -> None:
+    bert_units = analyze(tiny_bert()).attentions
+    assert bert_units[1].path == "encoder.layer.1.attention.self"
+    assert bert_units[1].inputs == tuple(
+        f"encoder.layer.1.attention.self.{n}" for n in ("query", "key", "value")
+    )
+    assert bert_units[1].outputs == ("encoder.layer.1.attention.output.dense",)
+    gpt2_units = analyze(tiny_gpt2()).attentions
+    assert (gpt2_units[0].path, gpt2_units[0].inputs, gpt2_units[0].outputs) == (
+        "transformer.h.0.attn",
+        ("transformer.h.0.attn.c_attn",),
+        ("transformer.h.0.attn.c_proj",),
+    )

@@ -317,6 +317,27 @@ def test_plan_rows_report_heads_params_and_flops() -> None:
     assert row.detail["pairs"] == 2
 
 
+def test_plan_groups_the_attentions_the_dependency_graph_found() -> None:
+    from dataclasses import replace
+
+    from surgery.graph import analyze
+
+    model = bert()
+    analysis = analyze(model)
+    assert [u.path for u in analysis.attentions] == [s.path for s in attention_sites(model)]
+    only_last = replace(analysis, attentions=analysis.attentions[-1:])
+    plan = GroupPass(parse("group kv = 2").statements[0], PassContext(analysis=only_last)).plan(
+        model
+    )
+    assert [r.path for r in plan.rows] == [analysis.attentions[-1].path]
+    with pytest.raises(PassError) as err:
+        GroupPass(
+            parse("group kv = 2").statements[0],
+            PassContext(analysis=replace(analysis, attentions=[])),
+        ).plan(model)
+    assert err.value.diagnostic.code == "S0313"
+
+
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2"])
 def test_save_reload_grouped_attention(name: str) -> None:
     model = MODELS[name]()

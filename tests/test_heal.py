@@ -13,7 +13,6 @@ from surgery.modules import LowRankLinear
 from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.parse import parse
 from surgery.passes.base import PassContext, TrainingHook
-from surgery.passes.decompose import lowrank_linear_from
 
 
 def _setup(batches: int = 3) -> tuple[nn.Module, nn.Module, PassContext]:
@@ -21,7 +20,7 @@ def _setup(batches: int = 3) -> tuple[nn.Module, nn.Module, PassContext]:
     teacher = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
     student = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
     student.load_state_dict(teacher.state_dict())
-    student[0] = lowrank_linear_from(student[0], svd_factors(student[0].weight, 4))
+    student[0] = LowRankLinear.from_factors(student[0], svd_factors(student[0].weight, 4))
     calib = [Inputs((torch.randn(8, 16),), {}) for _ in range(batches)]
     ctx = PassContext(analysis=analyze(student), calibration=calib, original=teacher)
     return teacher, student, ctx

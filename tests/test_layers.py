@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 
 from surgery.passes import PASSES
-from surgery.passes.factorize import METHODS
-from surgery.passes.split import COMBINES, MODES
-from surgery.passes.truncate import STRATEGIES
 from surgery.support import PASS_VERBS, RUN_VERBS, SUPPORT
 from surgery.targets import BACKENDS, TARGET_SUPPORT
 
@@ -42,13 +39,6 @@ def test_every_pass_reads_its_entry_of_the_one_support_table() -> None:
     for verb, cls in PASSES.items():
         assert cls.implemented_options is SUPPORT[verb].options
         assert cls.supported_types is SUPPORT[verb].types
-
-
-def test_pass_constants_agree_with_the_support_table() -> None:
-    assert set(METHODS) == PASS_VERBS["factorize"].options["method"]
-    assert set(MODES) == PASS_VERBS["split"].options["mode"]
-    assert set(COMBINES) == PASS_VERBS["split"].options["combine"]
-    assert set(STRATEGIES) == PASS_VERBS["truncate"].options["strategy"]
 
 
 def test_implemented_targets_are_in_the_language() -> None:
@@ -156,3 +146,42 @@ def test_the_layer_check_sees_imports_inside_functions_and_type_checking(tmp_pat
     path.write_text(source)
     found = _imports("surgery.passes.x", path, {"surgery.ast", "surgery.heal"})
     assert {"surgery.ast", "surgery.manager", "surgery.heal", "surgery.backends.latency"} <= found
+
+
+# --- one tuple of verbs ---------------------------------------------------------------------
+
+
+def test_every_verb_has_its_grammar_rule_and_every_rule_its_verb() -> None:
+    import re
+
+    from surgery.parse import grammar_text
+    from surgery.verbs import VERBS
+
+    grammar = grammar_text()
+    statement = re.search(r"\?statement:(.*?)\n\n", grammar, re.S)
+    assert statement is not None
+    alternatives = [a.strip() for a in statement.group(1).split("|")]
+    assert alternatives == [v.keyword for v in VERBS]
+    labels = set(re.findall(r"^(\w+):", grammar, re.M)) | set(re.findall(r"-> (\w+)", grammar))
+    for verb in VERBS:
+        assert re.search(rf'^{verb.keyword}: "{verb.keyword}"', grammar, re.M), verb.keyword
+        # Every field of the node is filled by a positional child or an `opt_<field>` rule.
+        fields = set(verb.node.model_fields) - {"span", "verb"}
+        options = fields - set(verb.positional)
+        missing = {f for f in options if f"opt_{f}" not in labels}
+        assert not missing, (verb.keyword, missing)
+        assert set(verb.positional) <= fields, verb.keyword
+
+
+def test_the_ast_statement_union_is_the_verbs_nodes() -> None:
+    from surgery import ast
+    from surgery.verbs import VERBS
+
+    schema = ast.recipe_json_schema()
+    listed = {
+        d["$ref"].rsplit("/", 1)[1] for d in schema["properties"]["statements"]["items"]["oneOf"]
+    }
+    assert listed == {v.node.__name__ for v in VERBS}
+    for verb in VERBS:
+        assert getattr(ast, verb.node.__name__) is verb.node
+        assert verb.node.model_fields["verb"].default == verb.keyword

@@ -1,8 +1,8 @@
 """Golden plans: a recipe on a Hugging Face architecture built from a config → its plan.
 
 The golden is the JSON plan (`surgery plan --format json`) without the measured parts
-(drift, timing), with floats rounded so they are stable. Regenerate with
-``pytest --update-golden``.
+(drift, timing), with floats rounded so they are stable, in
+``tests/golden/plans/<case>.plan.json``. Regenerate with ``pytest --update-golden``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from surgery.manager import Manager
 from surgery.parse import parse
 from surgery.report import plan_dict
 from tests.helpers_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
-
-GOLDEN = Path(__file__).parent / "plans"
 
 CASES: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "bert": (
@@ -67,12 +65,12 @@ def golden_plan(build: Callable[[], nn.Module], recipe: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_plan_matches_golden(name: str, request: pytest.FixtureRequest) -> None:
+def test_plan_matches_golden(name: str, golden: Callable[[str, str], None]) -> None:
     build, recipe = CASES[name]
-    got = golden_plan(build, recipe)
-    path = GOLDEN / f"{name}.json"
-    if request.config.getoption("--update-golden", default=False):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(got)
-    assert path.is_file(), f"missing golden {path}: run pytest --update-golden"
-    assert got == path.read_text()
+    golden(f"plans/{name}.plan.json", golden_plan(build, recipe))
+
+
+def test_no_orphan_plan_goldens() -> None:
+    plans = Path(__file__).parent / "golden" / "plans"
+    names = [p.name for p in plans.iterdir() if p.name.removesuffix(".plan.json") not in CASES]
+    assert sorted(names) == []

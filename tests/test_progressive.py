@@ -17,7 +17,8 @@ from surgery.manager import Manager
 from surgery.modules import LowRankLinear
 from surgery.parse import parse
 from surgery.passes.base import PassContext
-from surgery.passes.decompose import DecomposePass, progressive_schedule
+from surgery.passes.decompose import DecomposePass
+from surgery.passes.progressive import progressive_schedule
 from tests.helpers_models import tiny_bert
 
 F64 = torch.float64
@@ -61,8 +62,8 @@ def test_layer_count_constant_and_truncation_identity() -> None:
     }
     counts, ranks = [], []
     for k in (1, 2, 3):
-        p = DecomposePass(stmt, PassContext(analysis=analyze(model, ex), example=ex, original=None))
-        p.family_step = k
+        ctx = PassContext(analysis=analyze(model, ex), example=ex, original=None)
+        p = DecomposePass(stmt, ctx, member=k)
         plan = p.plan(model)
         p.apply(model, plan)
         counts.append(_count_linears(model))
@@ -109,12 +110,14 @@ def test_manager_progressive_family_with_heal(method: str) -> None:
         f"decompose Linear rank = 0.25 method {method} progressive 3 steps\nheal steps 5"
     )
     run = Manager(recipe, tiny_bert()).run(measure=False)
-    assert [m for m, _, _ in run.family] == [1, 2, 3]
+    assert [m.step for m in run.family] == [1, 2, 3]
     assert len(run.heals) == 3  # between members 1→2, 2→3, then the statement itself
     assert all(len(h.losses) == 5 for h in run.heals)
-    sizes = [sum(p.numel() for p in member.parameters()) for _, member, _ in run.family]
+    sizes = [
+        sum(p.numel() for p in member.parameters()) for member in (m.model for m in run.family)
+    ]
     assert sizes[0] > sizes[1] > sizes[2]
-    counts = [_count_linears(member) for _, member, _ in run.family]
+    counts = [_count_linears(member) for member in (m.model for m in run.family)]
     assert counts[0] == counts[1] == counts[2]
     last = run.steps[-1].plan
     for row in last.changed_rows:
@@ -126,8 +129,8 @@ def test_manager_progressive_family_with_heal(method: str) -> None:
 
 def test_refactor_step_without_step_one_plans_nothing() -> None:
     model = nn.Sequential(nn.Linear(16, 16))
-    p = DecomposePass(parse("decompose Linear rank = 0.25 progressive 2 steps").statements[0])
+    stmt = parse("decompose Linear rank = 0.25 progressive 2 steps").statements[0]
+    p = DecomposePass(stmt, member=2)
     p.ensure_context(model)
-    p.family_step = 2
     plan = p.plan(model)
     assert plan.rows == [] and "no pair" in plan.notes[0]

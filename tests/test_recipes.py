@@ -1,7 +1,7 @@
 """Every recipe in ``recipes/`` is a golden test.
 
-* its AST (``Recipe.model_dump_json(indent=2)`` plus a final newline) equals
-  ``tests/golden/recipes/<name>.json`` byte for byte (``pytest --update-golden`` rewrites them);
+* what ``surgery fmt`` prints for it equals ``tests/golden/recipes/<name>.fmt.surg`` byte for
+  byte (``pytest --update-golden`` rewrites them), and its AST round-trips through JSON;
 * ``surgery check`` accepts it (exit 0). A recipe whose only errors are S0209 "not implemented
   yet" is an expected failure while colleagues implement the verbs it uses; any other error fails;
 * it is already in canonical form (``surgery fmt --check`` exits 0).
@@ -14,12 +14,15 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from surgery.ast import Recipe
+from surgery.diagnostics import decode_source
+from surgery.fmt import format_source
 from surgery.parse import parse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +33,6 @@ SURGERY = Path(sys.executable).with_name("surgery")
 
 def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
-
-
-def recipe_json(path: Path) -> str:
-    return parse(path.read_text(encoding="utf-8")).model_dump_json(indent=2) + "\n"
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,22 +61,22 @@ def test_there_is_a_recipe_per_technique() -> None:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_ast_golden(path: Path, update_golden: bool) -> None:
-    actual = recipe_json(path)
-    golden = GOLDEN / f"{path.stem}.json"
-    # The golden is also a valid serialized AST: it loads back to the same recipe.
-    assert Recipe.model_validate_json(actual) == parse(path.read_text(encoding="utf-8"))
-    if update_golden:
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_bytes(actual.encode("utf-8"))
-        return
-    assert golden.exists(), f"missing {golden}; run `pytest --update-golden`"
-    assert golden.read_bytes().decode("utf-8") == actual, f"{golden.name}: AST changed"
+def test_recipe_fmt_golden(path: Path, golden: Callable[[str, str], None]) -> None:
+    # What `surgery fmt recipes/<name>.surg` prints: the same decoding, the same formatter.
+    source = decode_source(path.read_bytes(), _rel(path))
+    golden(f"recipes/{path.stem}.fmt.surg", format_source(source))
 
 
-def test_no_orphan_ast_goldens() -> None:
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_ast_round_trips_through_json(path: Path) -> None:
+    recipe = parse(path.read_text(encoding="utf-8"))
+    assert Recipe.model_validate_json(recipe.model_dump_json()) == recipe
+
+
+def test_no_orphan_recipe_goldens() -> None:
     stems = {p.stem for p in RECIPES}
-    assert sorted(p.stem for p in GOLDEN.glob("*.json") if p.stem not in stems) == []
+    names = [p.name for p in GOLDEN.iterdir() if p.name.removesuffix(".fmt.surg") not in stems]
+    assert sorted(names) == []
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from surgery.lowrank import Factors
 from surgery.modules.registry import SurgeryModule, register_module
 
 __all__ = ["LowRankConv2d", "PaddingMode", "pair"]
@@ -38,6 +39,16 @@ class LowRankConv2d(SurgeryModule):
     >>> m(torch.zeros(2, 8, 5, 5)).shape
     torch.Size([2, 16, 5, 5])
     >>> sum(p.numel() for p in m.parameters()) == 4 * (8 + 16) + 16
+    True
+
+    Built from the factors of a 1×1 convolution's ``[S, C]`` matrix (:meth:`from_factors`),
+    it is that convolution when the rank is full, stride and padding included:
+
+    >>> from surgery.lowrank import svd_factors
+    >>> conv = nn.Conv2d(6, 5, 1, stride=2, padding=1, dtype=torch.float64)
+    >>> pair = LowRankConv2d.from_factors(conv, svd_factors(conv.weight[:, :, 0, 0], rank=5))
+    >>> x = torch.randn(1, 6, 7, 7, dtype=torch.float64)
+    >>> bool(torch.allclose(pair(x), conv(x)))
     True
     """
 
@@ -93,6 +104,37 @@ class LowRankConv2d(SurgeryModule):
             dtype=str(conv.weight.dtype).removeprefix("torch."),
             padding_mode=conv.padding_mode,
         ).to(conv.weight.device)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Module, factors: Factors) -> LowRankConv2d:
+        """A pair holding ``factors`` of the ``[S, C]`` matrix and the bias of ``conv``.
+
+        ``conv`` is the layer the pair replaces: a 1×1 ``nn.Conv2d`` or a ``LowRankConv2d``
+        being re-factored (its ``first`` carries the geometry). The pair takes its stride,
+        padding, dtype, device and training mode.
+        """
+        src = conv.first if isinstance(conv, LowRankConv2d) else conv
+        assert isinstance(src, nn.Conv2d)
+        out_c, in_c = factors.left.shape[0], factors.right.shape[1]
+        b = getattr(conv, "bias", None)
+        bias = b if isinstance(b, torch.Tensor) else None
+        m = cls(
+            in_c,
+            out_c,
+            factors.rank,
+            stride=pair(src.stride),
+            padding=src.padding if isinstance(src.padding, str) else pair(src.padding),
+            bias=bias is not None,
+            dtype=str(src.weight.dtype).removeprefix("torch."),
+            padding_mode=src.padding_mode,
+        ).to(src.weight.device)
+        with torch.no_grad():
+            m.first.weight.copy_(factors.right[:, :, None, None])  # [r, C, 1, 1]
+            m.second.weight.copy_(factors.left[:, :, None, None])  # [S, r, 1, 1]
+            if bias is not None and m.second.bias is not None:
+                m.second.bias.copy_(bias)
+        m.train(conv.training)
+        return m
 
     def spec(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,8 @@
-"""Recipe passes: one file per recipe verb, the file name is the keyword and registry key.
+"""Recipe passes: one file per recipe verb that changes the model, named by its keyword.
 
-``PASSES`` is the one explicit table of implemented passes, in no particular order: recipes
-run their statements in the order they are written.
+``PASSES`` (keyword → pass class) is generated from the verbs' table
+(:data:`surgery.verbs.VERBS`: each verb names its pass); recipes run their statements in the
+order they are written.
 
 >>> sorted(PASSES)[:1]
 ['decompose']
@@ -9,6 +10,7 @@ run their statements in the order they are written.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from surgery.passes.base import (
@@ -20,55 +22,37 @@ from surgery.passes.base import (
     SurgeryPass,
     TrainingHook,
 )
-from surgery.passes.decompose import DecomposePass
-from surgery.passes.drop import DropPass
-from surgery.passes.factorize import FactorizePass
-from surgery.passes.group import GroupPass
-from surgery.passes.skip import SkipPass
-from surgery.passes.sparsify import SparsifyPass
-from surgery.passes.split import SplitPass
-from surgery.passes.truncate import TruncatePass
+from surgery.verbs import VERBS
 
 __all__ = [
     "PASSES",
     "Change",
-    "DecomposePass",
-    "DropPass",
-    "FactorizePass",
-    "GroupPass",
     "PassContext",
     "PassError",
     "PlanRow",
-    "SkipPass",
-    "SparsifyPass",
-    "SplitPass",
     "StepPlan",
     "SurgeryPass",
     "TrainingHook",
-    "TruncatePass",
     "pass_for",
 ]
 
-# One explicit table, sqlglot-style: the keyword of a recipe statement -> its pass.
+
+def _pass_class(path: str) -> type[SurgeryPass]:
+    module, _, name = path.partition(":")
+    cls: type[SurgeryPass] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+# The keyword of a recipe statement -> its pass, for every verb that names one.
 PASSES: dict[str, type[SurgeryPass]] = {
-    cls.keyword: cls
-    for cls in (
-        DecomposePass,
-        GroupPass,
-        SkipPass,
-        DropPass,
-        TruncatePass,
-        SplitPass,
-        SparsifyPass,
-        FactorizePass,
-    )
+    v.keyword: _pass_class(v.pass_path) for v in VERBS if v.pass_path is not None
 }
 
 
-def pass_for(statement: Any, context: PassContext | None = None) -> SurgeryPass:
-    """The configured pass for one recipe statement."""
+def pass_for(statement: Any, context: PassContext | None = None, *, member: int = 1) -> SurgeryPass:
+    """The configured pass for one recipe statement (``member``: which of its family)."""
     try:
         cls = PASSES[statement.verb]
     except KeyError:
         raise KeyError(f"no pass implements `{statement.verb}`") from None
-    return cls(statement, context)
+    return cls(statement, context, member=member)

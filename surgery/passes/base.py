@@ -27,15 +27,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.facts import Analysis
+from surgery.nodes import StatementNode
 from surgery.timing import LayerTimer
+from surgery.verbs import BY_KEYWORD
 
 __all__ = [
     "Change",
@@ -181,26 +182,41 @@ class PassContext:
         self.warnings.append(diagnostic)
 
 
-class SurgeryPass(PassBase):
-    """Base of every recipe pass. Subclasses set ``keyword`` and ``statement_type``."""
+S = TypeVar("S", bound=StatementNode)
+
+
+class SurgeryPass(PassBase, Generic[S]):
+    """Base of every recipe pass, generic in its statement type: ``class GroupPass(
+    SurgeryPass[ast.Group])`` sets only ``keyword``; its statement type, implemented options
+    and module types come from the verb's entry in :data:`surgery.verbs.VERBS`."""
 
     keyword: ClassVar[str]
-    statement_type: ClassVar[type[ast.Node]]
+    statement_type: ClassVar[type[StatementNode]]
     # Module types the pass handles (for verbs with a selector); the checker reports others.
     supported_types: ClassVar[tuple[str, ...]] = ()
     # Options of the statement that this pass implements; any other option given in a recipe
     # is reported by the checker as not implemented yet (never silently ignored).
     implemented_options: ClassVar[dict[str, set[str] | None]] = {}
 
-    def __init__(self, statement: Any, context: PassContext | None = None) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        verb = BY_KEYWORD.get(getattr(cls, "keyword", ""))
+        if verb is not None:  # the one home of what a verb's pass handles
+            cls.statement_type = verb.node
+            cls.implemented_options = verb.support.options
+            cls.supported_types = verb.support.types
+
+    def __init__(
+        self, statement: S, context: PassContext | None = None, *, member: int = 1
+    ) -> None:
         super().__init__()
         if not isinstance(statement, self.statement_type):
             raise TypeError(
                 f"{type(self).__name__} takes a `{self.statement_type.__name__}` statement"
             )
-        self.statement: Any = statement
+        self.statement: S = statement
         self.context = context
-        self.family_step = 1  # which member of a progressive family is being planned (1-based)
+        self.family_step = member  # which member of a progressive family this pass builds
 
     @property
     def line(self) -> int:
@@ -262,12 +278,13 @@ class SurgeryPass(PassBase):
         return plan, self.apply(model, plan)
 
     def family_steps(self) -> int:
-        """How many members the statement builds (``progressive K steps``: K; else 1).
+        """How many members the statement builds (``progressive K steps``: K; else 1): its
+        verb's ``members`` (`surgery.verbs`), which the program's steps carry too.
 
-        The manager plans and applies the pass once per member, with ``family_step`` set,
-        heals in between when the recipe heals, and saves each member.
+        The manager constructs the pass once per member (``member=k``), heals in between when
+        the recipe heals, and saves each member.
         """
-        return 1
+        return BY_KEYWORD[self.keyword].members(self.statement)
 
     def training_hooks(self, model: nn.Module) -> list[TrainingHook]:
         """Hooks the healer must honour after this pass ran (none by default)."""

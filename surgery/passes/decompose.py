@@ -31,7 +31,8 @@ on their data-aware spectra; FLOP budgets weight each layer by its tokens per fo
 analysed input shapes; ``k×k`` convolutions are skipped under a budget). For Tucker layers a
 fraction or an absolute rank applies to the output and input channels separately, and an
 energy threshold to each mode unfolding's spectrum. ``round N`` rounds ranks to multiples of
-``N`` (:func:`~surgery.lowrank.round_rank`, never above the break-even rank).
+``N`` (:func:`~surgery.lowrank.round_rank`, never above the break-even rank). A per-layer rank
+is :func:`~surgery.passes.ranks.resolve_rank`, the rule ``split`` uses too.
 
 **Never larger.** A layer whose factorization would not have strictly fewer parameters *and*
 FLOPs than the layer is skipped, and the plan says why; so are tied weights, layers the model
@@ -44,10 +45,18 @@ factor of each pair made by step 1 (``second ≈ A·B``) and folds ``B`` into th
 is geometric from the layer's break-even rank ``r_0`` (the largest rank that still saves
 parameters) to the requested rank ``r_K``: ``r_k = round(r_0·(r_K/r_0)^(k/K))``, non-increasing,
 ``r_K`` exactly at step K (rounded to ``round N`` when given). It is decided at step 1 and
-kept on each pair (attribute ``surgery_progressive``), so energy thresholds and budgets are
-resolved once on the original spectra. With ``method svd`` and no healing in between, the
-product of the pair at step ``k`` is exactly the rank-``r_k`` truncation of the product at
-step ``k − 1``; data-aware methods truncate in the calibration metric instead.
+kept on each pair (:func:`~surgery.passes.progressive.mark_pair`), so energy thresholds and
+budgets are resolved once on the original spectra. With ``method svd`` and no healing in
+between, the product of the pair at step ``k`` is exactly the rank-``r_k`` truncation of the
+product at step ``k − 1``; data-aware methods truncate in the calibration metric instead.
+
+**Where the parts live.** This module is the pass: which layers, which kind, planning and
+applying. The calibration statistics are :mod:`surgery.passes.calibration_stats`, the rank
+rule :mod:`surgery.passes.ranks` (shared with ``split``), the progressive family
+:mod:`surgery.passes.progressive`, the latency policy of ``keep if faster`` and
+``where speedup`` :mod:`surgery.passes.rank_latency`; the replacement modules build
+themselves from their factors (:meth:`LowRankLinear.from_factors
+<surgery.modules.LowRankLinear.from_factors>`).
 
 Plan rows carry ``method``, ``rank`` and ``energy`` (the fraction of the — data-aware — ``Σσ²``
 kept); progressive rows add ``step`` (``k/K``), ``target`` (``r_K``), ``member_params`` (the
@@ -82,10 +91,8 @@ from surgery.lowrank import (
     allocate_budget,
     asvd_factors,
     break_even_rank,
-    rank_for_energy,
-    rank_from_fraction,
+    layer_cost,
     refactor_pair,
-    round_rank,
     svd_factors,
     svd_llm_factors,
     tucker2_factors,
@@ -95,210 +102,36 @@ from surgery.modules import LowRankLinear
 from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
 from surgery.passes.base import Change, PassContext, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.passes.calibration_stats import ASVD_ALPHA, LayerStats, collect_input_stats
+from surgery.passes.progressive import (
+    annotate_member,
+    mark_pair,
+    member_drift,
+    pairs_of,
+    progressive_schedule,
+    schedule_of,
+)
 from surgery.passes.rank_latency import (
     keep_if_faster_ranks,
     keep_if_faster_tucker_ranks,
     layer_speedups,
     tucker_speedups,
 )
+from surgery.passes.ranks import resolve_rank, resolve_tucker_ranks
 from surgery.select import select, type_names, uses_speedup
-from surgery.support import PASS_VERBS
+from surgery.sensitivity import layer_sensitivities
 from surgery.timing import LayerTimer, TimingUnavailable
 
 _R = TypeVar("_R")  # what `keep if faster` chooses: a rank, or a Tucker rank pair
 
-__all__ = [
-    "ASVD_ALPHA",
-    "DecomposePass",
-    "LayerStats",
-    "collect_input_stats",
-    "lowrank_linear_from",
-    "progressive_schedule",
-]
-
-#: ASVD exponent: ``s = mean|x|^α`` (the paper's best α on LLaMA is 0.5).
-ASVD_ALPHA = 0.5
-#: Attribute on a pair made by a progressive statement: its schedule and statement position.
-PROGRESSIVE_ATTR = "surgery_progressive"
+__all__ = ["DecomposePass"]
 
 Kind = Literal["linear", "conv1d", "conv1x1", "tucker", "pair"]
-_PAIRS = (LowRankLinear, LowRankConv2d)
 _FACTORED = (LowRankLinear, LowRankConv2d, TuckerConv2d)
 
 
 # ---------------------------------------------------------------------------------------------
-# calibration statistics
-
-
-@dataclass
-class LayerStats:
-    """Input statistics of one layer over the calibration rows (float64).
-
-    ``abs_sum`` is ``Σ|x|`` per input channel (``[in]``), ``xtx`` is ``Σ xᵀx`` (``[in, in]``),
-    ``rows`` the number of input rows (tokens, or pixels of a 1×1 convolution) seen.
-    """
-
-    rows: int = 0
-    abs_sum: Tensor | None = None  # [in], float64
-    xtx: Tensor | None = None  # [in, in], float64
-
-    @property
-    def abs_mean(self) -> Tensor:
-        """Mean ``|x|`` per input channel (``[in]``)."""
-        assert self.abs_sum is not None, "collected without abs_mean"
-        return self.abs_sum / max(self.rows, 1)
-
-
-def _rows(module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
-    """The input rows ``[N, in]`` a layer multiplies by its weight."""
-    if isinstance(module, nn.Conv2d | LowRankConv2d):  # (B, C, H, W): one row per output pixel
-        sh, sw = module.stride
-        x = x[:, :, ::sh, ::sw]  # a 1×1 conv reads every stride-th pixel; padding adds zeros
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]  # (B, T, in) -> (tokens, in): real tokens only
-    return x.reshape(-1, x.shape[-1])
-
-
-def _attention_mask(batch: Any) -> Tensor | None:
-    mask = getattr(batch, "kwargs", {}).get("attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() == 2:
-        return mask.bool()
-    return None
-
-
-def collect_input_stats(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    batches: list[Any],
-    *,
-    abs_mean: bool = False,
-    gram: bool = False,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> dict[str, LayerStats]:
-    """Input statistics of several layers in one pass over ``batches`` (``Inputs`` objects).
-
-    Forward pre-hooks on every module of ``modules`` (path → module) accumulate, in float64,
-    ``Σ|x|`` per channel (``abs_mean``) and ``XᵀX`` (``gram``). A module called several
-    times per forward accumulates every call.
-
-    >>> from surgery.inputs import Inputs
-    >>> lin = nn.Linear(3, 2)
-    >>> x = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]])
-    >>> stats = collect_input_stats(lin, {"": lin}, [Inputs((x,), {})], abs_mean=True, gram=True)
-    >>> stats[""].rows, stats[""].abs_mean.tolist(), stats[""].xtx[0].tolist()
-    (2, [2.0, 1.0, 0.0], [10.0, -2.0, 0.0])
-    """
-    stats = {path: LayerStats() for path in modules}
-    current: dict[str, Tensor | None] = {"mask": None}
-    handles = []
-
-    def hook_for(path: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not isinstance(args[0], Tensor):
-                return
-            rows = _rows(module, args[0].detach(), current["mask"]).to(torch.float64)  # [N, in]
-            s = stats[path]
-            s.rows += int(rows.shape[0])
-            if abs_mean:
-                a = rows.abs().sum(0)
-                s.abs_sum = a if s.abs_sum is None else s.abs_sum + a
-            if gram:
-                g = rows.T @ rows  # [in, in]
-                s.xtx = g if s.xtx is None else s.xtx + g
-
-        return hook
-
-    for path, module in modules.items():
-        handles.append(module.register_forward_pre_hook(hook_for(path)))
-    try:
-        for i, batch in enumerate(batches):
-            current["mask"] = _attention_mask(batch)
-            batch.call(model)
-            if progress is not None:
-                progress("calibrating", i + 1, len(batches))
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-# ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def progressive_schedule(start: int, target: int, steps: int, multiple: int = 1) -> list[int]:
-    """Ranks ``r_1 … r_K``: geometric from ``start`` (exclusive) down to ``target`` (inclusive).
-
-    ``r_k = round(start·(target/start)^(k/K))``, rounded to ``multiple`` (never below
-    ``target``), made non-increasing; ``r_K = target``.
-
-    >>> progressive_schedule(383, 96, 3)
-    [241, 152, 96]
-    >>> progressive_schedule(100, 100, 2), progressive_schedule(64, 8, 3, multiple=8)
-    ([100, 100], [32, 16, 8])
-    """
-    ranks: list[int] = []
-    prev = start
-    for k in range(1, steps + 1):
-        r = target if k == steps else round(start * (target / start) ** (k / steps))
-        if multiple > 1 and k < steps:
-            r = max(target, round_rank(r, multiple, max_rank=max(prev, multiple)))
-        r = max(target, min(r, prev))
-        ranks.append(r)
-        prev = r
-    return ranks
-
-
-def lowrank_linear_from(linear: nn.Module, factors: Factors) -> LowRankLinear:
-    """A :class:`LowRankLinear` holding ``factors`` and the bias of ``linear``.
-
-    ``linear`` is an ``nn.Linear``, an HF ``Conv1D`` (the factors are those of its
-    transposed weight) or a ``LowRankLinear``.
-    """
-    weight = linear.first.weight if isinstance(linear, LowRankLinear) else _weight(linear)
-    bias = _bias(linear)
-    out_f, in_f = factors.left.shape[0], factors.right.shape[1]
-    dtype = str(weight.dtype).removeprefix("torch.")
-    module = LowRankLinear(in_f, out_f, factors.rank, bias=bias is not None, dtype=dtype)
-    module.to(weight.device)
-    with torch.no_grad():
-        module.first.weight.copy_(factors.right)  # [r, in]
-        module.second.weight.copy_(factors.left)  # [out, r]
-        if bias is not None:
-            module.second.bias.copy_(bias)
-    module.train(linear.training)
-    return module
-
-
-def _lowrank_conv_from(conv: nn.Module, factors: Factors) -> LowRankConv2d:
-    """A :class:`LowRankConv2d` from a 1×1 ``Conv2d`` (or a ``LowRankConv2d``) and ``factors``."""
-    src = conv.first if isinstance(conv, LowRankConv2d) else conv
-    assert isinstance(src, nn.Conv2d)
-    out_c, in_c = factors.left.shape[0], factors.right.shape[1]
-    bias = _bias(conv)
-    m = LowRankConv2d(
-        in_c,
-        out_c,
-        factors.rank,
-        stride=tuple(src.stride),  # type: ignore[arg-type]
-        padding=src.padding if isinstance(src.padding, str) else tuple(src.padding),  # type: ignore[arg-type]
-        bias=bias is not None,
-        dtype=str(src.weight.dtype).removeprefix("torch."),
-        padding_mode=src.padding_mode,  # type: ignore[arg-type]
-    ).to(src.weight.device)
-    with torch.no_grad():
-        m.first.weight.copy_(factors.right[:, :, None, None])  # [r, C, 1, 1]
-        m.second.weight.copy_(factors.left[:, :, None, None])  # [S, r, 1, 1]
-        if bias is not None and m.second.bias is not None:
-            m.second.bias.copy_(bias)
-    m.train(conv.training)
-    return m
-
-
-def _bias(module: nn.Module) -> Tensor | None:
-    b = getattr(module, "bias", None)
-    return b if isinstance(b, Tensor) else None
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -360,13 +193,10 @@ class _Candidate:
 # the pass
 
 
-class DecomposePass(SurgeryPass):
+class DecomposePass(SurgeryPass[ast.Decompose]):
     """Low-rank decomposition of ``Linear``/``Conv1D``/``Conv2d`` layers (see the module doc)."""
 
     keyword: ClassVar[str] = "decompose"
-    statement_type = ast.Decompose
-    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["decompose"].types
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["decompose"].options
     #: While :meth:`run` streams: the change made for each layer replaced during planning.
     _streamed: dict[str, Change] | None = None
 
@@ -374,8 +204,8 @@ class DecomposePass(SurgeryPass):
 
     @property
     def _steps(self) -> int:
-        stmt: ast.Decompose = self.statement
-        return stmt.progressive.value if stmt.progressive is not None else 1
+        """``K`` for ``progressive K steps``, else 1 (the verb's ``members``)."""
+        return self.family_steps()
 
     @property
     def _multiple(self) -> int:
@@ -386,10 +216,6 @@ class DecomposePass(SurgeryPass):
     def _tag(self) -> str:
         span = self.statement.span
         return f"{span.line}:{span.col}:{span.start}"
-
-    def family_steps(self) -> int:
-        """``K`` for ``progressive K steps``, else 1."""
-        return self._steps
 
     def _method_for(self, kind: Kind) -> str:
         stmt: ast.Decompose = self.statement
@@ -529,7 +355,7 @@ class DecomposePass(SurgeryPass):
             if c.row.action != "skip" and c.kind == "tucker"
         }
         if self._steps > 1:
-            self._annotate_member(plan, context)
+            annotate_member(plan, context, self.family_step, self._steps)
         if not paths:
             plan.notes.append("the selector matched no module")
         return plan
@@ -569,6 +395,7 @@ class DecomposePass(SurgeryPass):
             return list(context.calibration)
         if context.example is not None:
             return [context.example]
+        assert self.statement.method is not None  # only data-aware methods need calibration
         raise self._error(
             f"`method {self.statement.method.value}` needs calibration inputs",
             self.statement.method,
@@ -642,10 +469,7 @@ class DecomposePass(SurgeryPass):
             return be
         if stmt.rank is None or stmt.rank.kind == "energy":
             return be
-        target = self._rank_rule(cand)
-        if self._multiple > 1:
-            target = round_rank(target, self._multiple, max_rank=be)
-        return max(1, min(target, be))
+        return max(1, min(self._rank_rule(cand), be))
 
     def _speedups(self, model: nn.Module, context: PassContext) -> dict[str, float]:
         """``where speedup > X``: each layer of the selector's type timed alone on the
@@ -703,9 +527,7 @@ class DecomposePass(SurgeryPass):
         """The rank `where speedup` times a matrix layer at: the fraction or absolute rank."""
         rank = self.statement.rank
         assert rank is not None and rank.kind != "energy"
-        if rank.kind == "fraction":
-            return max(1, rank_from_fraction(in_f, out_f, rank.value.magnitude))
-        return max(1, min(int(rank.value.magnitude), in_f, out_f))
+        return resolve_rank(rank, min(in_f, out_f), clamp=True)
 
     def _faster_rank(
         self, model: nn.Module, cand: _Candidate, requested: int
@@ -781,8 +603,6 @@ class DecomposePass(SurgeryPass):
         if stmt.budget is not None and target >= full:
             row.action, row.note = "skip", "the budget keeps this layer dense"
             return
-        if stmt.budget is None and self._multiple > 1:
-            target = round_rank(target, self._multiple, max_rank=be)
         if target > full:
             row.detail["rank"] = target
             row.action, row.note = "skip", f"rank {target} exceeds full rank {full}"
@@ -820,14 +640,22 @@ class DecomposePass(SurgeryPass):
         self._costs(row, in_f, out_f, rank, old_rank=None)
 
     def _rank_rule(self, cand: _Candidate) -> int:
+        """The statement's ``rank = …`` for ``cand``, rounded to ``round N`` (never above the
+        break-even rank); an energy threshold reads the (data-aware) spectrum."""
         rank = self.statement.rank
         assert rank is not None, "the checker requires a rank or a budget"
-        if rank.kind == "fraction":
-            return rank_from_fraction(cand.in_f, cand.out_f, rank.value.magnitude)
-        if rank.kind == "energy":
+
+        def spectrum() -> Tensor:
             assert cand.full is not None
-            return rank_for_energy(cand.full.singular_values, rank.value.magnitude)
-        return int(rank.value.magnitude)
+            return cand.full.singular_values
+
+        return resolve_rank(
+            rank,
+            min(cand.in_f, cand.out_f),
+            spectrum,
+            multiple=self._multiple,
+            max_rank=break_even_rank(cand.in_f, cand.out_f),
+        )
 
     def _budget_ranks(
         self, model: nn.Module, cands: list[_Candidate], plan: StepPlan
@@ -857,8 +685,6 @@ class DecomposePass(SurgeryPass):
             )
         except ValueError as exc:
             raise self._error(str(exc), budget, "raise the budget or select fewer layers") from exc
-        from surgery.lowrank import layer_cost
-
         dense = sum(layer_cost(s, min(s.in_f, s.out_f), budget.resource) for s in spectra)
         used = sum(layer_cost(s, ranks[s.name], budget.resource) for s in spectra)
         plan.notes.append(
@@ -871,8 +697,6 @@ class DecomposePass(SurgeryPass):
     def _sensitivities(self, model: nn.Module, cands: list[_Candidate]) -> dict[str, float]:
         """``budget ... by sensitivity``: each layer's weight in the allocation, measured with
         the layer alone at half its break-even rank (:mod:`surgery.sensitivity`)."""
-        from surgery.sensitivity import layer_sensitivities
-
         assert self.context is not None
         probes: dict[str, tuple[nn.Module, float]] = {}
         for c in cands:
@@ -919,22 +743,7 @@ class DecomposePass(SurgeryPass):
         faster`): a fraction or absolute rank of each mode, or each mode's energy threshold."""
         rank = self.statement.rank
         assert rank is not None
-        S, C = module.weight.shape[:2]
-        if rank.kind == "fraction":
-            r_out = rank_from_fraction(S, S, rank.value.magnitude)
-            r_in = rank_from_fraction(C, C, rank.value.magnitude)
-        elif rank.kind == "absolute":
-            r_out, r_in = min(int(rank.value.magnitude), S), min(int(rank.value.magnitude), C)
-        else:
-            w = module.weight.detach().to(torch.float64)
-            sv_out = torch.linalg.svdvals(w.reshape(S, -1))  # mode-0 unfolding [S, C·kh·kw]
-            sv_in = torch.linalg.svdvals(w.transpose(0, 1).reshape(C, -1))  # mode-1 [C, S·kh·kw]
-            r_out = rank_for_energy(sv_out, rank.value.magnitude)
-            r_in = rank_for_energy(sv_in, rank.value.magnitude)
-        if self._multiple > 1:
-            r_out = round_rank(r_out, self._multiple, max_rank=S)
-            r_in = round_rank(r_in, self._multiple, max_rank=C)
-        return r_out, r_in
+        return resolve_tucker_ranks(rank, module.weight, multiple=self._multiple)
 
     def _plan_tucker(self, cand: _Candidate) -> None:
         stmt: ast.Decompose = self.statement
@@ -986,15 +795,7 @@ class DecomposePass(SurgeryPass):
         plan = self.new_plan()
         k, K = self.family_step, self._steps
         method = self._method_for("linear")
-        pairs: dict[str, LowRankLinear | LowRankConv2d] = {}
-        for path, m in model.named_modules():
-            tag = getattr(m, PROGRESSIVE_ATTR, None)
-            if (
-                isinstance(m, _PAIRS)
-                and isinstance(tag, dict)
-                and tag.get("statement") == self._tag
-            ):
-                pairs[path] = m
+        pairs = pairs_of(model, self._tag)
         if not pairs:
             plan.notes.append(f"step {k}/{K}: no pair made by step 1 of this statement is left")
             return plan
@@ -1002,8 +803,7 @@ class DecomposePass(SurgeryPass):
         analysis = context.analysis
         refactored: dict[str, Factors] = {}
         for i, (path, m) in enumerate(pairs.items()):
-            tag = getattr(m, PROGRESSIVE_ATTR)
-            schedule: list[int] = tag["schedule"]
+            schedule = schedule_of(m)
             info = analysis.modules.get(path)
             if isinstance(m, LowRankLinear):
                 in_f, out_f = m.in_features, m.out_features
@@ -1038,8 +838,7 @@ class DecomposePass(SurgeryPass):
                     row.action, row.note = "skip", "not reached by the calibration inputs"
                     continue
                 if method == "asvd":
-                    scale = s.abs_mean.abs().pow(ASVD_ALPHA).clamp_min(1e-6)  # [in]
-                    gram = scale.square()
+                    gram = s.asvd_scale.square()  # [in]: the metric diag(s²)
                 else:
                     gram = s.xtx
                     s.xtx = None
@@ -1052,18 +851,9 @@ class DecomposePass(SurgeryPass):
                 context.progress("refactoring", i + 1, len(pairs))
         plan.data["factors"] = refactored
         plan.data["tucker"] = {}
-        plan.data["schedules"] = {
-            p: getattr(m, PROGRESSIVE_ATTR)["schedule"] for p, m in pairs.items()
-        }
-        self._annotate_member(plan, context)
+        plan.data["schedules"] = {p: schedule_of(m) for p, m in pairs.items()}
+        annotate_member(plan, context, self.family_step, self._steps)
         return plan
-
-    def _annotate_member(self, plan: StepPlan, context: PassContext) -> None:
-        saved = sum(r.params_before - r.params_after for r in plan.changed_rows)
-        size = context.analysis.total_params - saved
-        for row in plan.changed_rows:
-            row.detail["member_params"] = size
-        plan.notes.append(f"family member {self.family_step} of {self._steps}: {size:,} parameters")
 
     # --- applying -------------------------------------------------------------------------
 
@@ -1105,7 +895,7 @@ class DecomposePass(SurgeryPass):
                 f = factors.pop(row.path)
                 changes.append(self._replace(model, row, f, schedules.get(row.path)))
         if self._steps > 1 and changes:
-            self._member_drift(model, plan)
+            member_drift(model, plan, self.context)
         return changes
 
     def _replace(
@@ -1114,20 +904,20 @@ class DecomposePass(SurgeryPass):
         """Swap the matrix layer at ``row.path`` for its low-rank pair built from ``f``."""
         new = self._lowrank(row.path, model.get_submodule(row.path), f)
         if schedule is not None:
-            setattr(new, PROGRESSIVE_ATTR, {"statement": self._tag, "schedule": schedule})
+            mark_pair(new, self._tag, schedule)
         model.set_submodule(row.path, new)
         return self._change(row)
 
     def _lowrank(self, path: str, old: nn.Module, f: Factors) -> nn.Module:
         """The low-rank pair built from ``f`` for the matrix layer ``old`` at ``path``."""
         if isinstance(old, nn.Conv2d | LowRankConv2d):
-            return _lowrank_conv_from(old, f)
+            return LowRankConv2d.from_factors(old, f)
         if (
             isinstance(old, nn.Linear | LowRankLinear)
             or "Conv1D" in type_names(old)
             or self._stands_for_linear(path, old)
         ):
-            return lowrank_linear_from(old, f)
+            return LowRankLinear.from_factors(old, f)
         raise self.moved(path, "Linear")
 
     def _change(self, row: PlanRow) -> Change:
@@ -1135,20 +925,6 @@ class DecomposePass(SurgeryPass):
             k: row.detail[k] for k in ("rank", "method", "energy") if k in row.detail
         }
         return self.change(row.path, "decompose", **detail)
-
-    def _member_drift(self, model: nn.Module, plan: StepPlan) -> None:
-        """Relative output error of this member against the original, before any healing."""
-        context = self.context
-        if context is None or context.example is None or context.original is None:
-            return
-        from surgery.metrics import drift, padding_mask
-
-        example = context.example
-        value = drift(
-            [example.call(context.original)], [example.call(model)], [padding_mask(example)]
-        )
-        for row in plan.changed_rows:
-            row.detail["member_drift"] = round(value, 6)
 
 
 def _energy(sv: Tensor, rank: int) -> float:

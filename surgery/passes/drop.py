@@ -42,10 +42,9 @@ from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.modules.identity import IdentitySublayer
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
-from surgery.support import PASS_VERBS
 from surgery.transformer_arch import (
     Sublayer,
-    attention_of_block,
+    attention_sites,
     first_tensor,
     get_module,
     set_module,
@@ -132,12 +131,10 @@ def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[An
     return [total[i] / max(count[i], 1) for i in range(len(subs))]
 
 
-class DropPass(SurgeryPass):
+class DropPass(SurgeryPass[ast.Drop]):
     """``drop attention|mlp N [by similarity]``."""
 
     keyword: ClassVar[str] = "drop"
-    statement_type: ClassVar[type[ast.Node]] = ast.Drop
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["drop"].options
 
     def _batches(self, model: nn.Module) -> list[Any]:
         ctx = self.ensure_context(model)
@@ -164,19 +161,13 @@ class DropPass(SurgeryPass):
                     help="write `drop attention N` or `drop mlp N`",
                 )
             )
-        if stmt.by is not None and stmt.by.value != "similarity":
-            raise PassError(
-                Diagnostic(
-                    code="S0332",
-                    message=f"unknown importance `{stmt.by.value}`",
-                    span=stmt.by.span,
-                    help="the implemented importance is `by similarity` (1 − cos(x_in, x_out))",
-                )
-            )
+        # `by` is not re-checked: `check` rejects any importance but `similarity` (S0201).
+        units = ctx.analysis.attentions  # where the dependency graph found attention
         try:
-            subs = sublayers(model, kind)  # type: ignore[arg-type]
+            subs = sublayers(model, kind, units)  # type: ignore[arg-type]
+            sites = {s.block: s for s in attention_sites(model, units)}
         except LookupError:
-            subs = []
+            subs, sites = [], {}
         n = stmt.count.value
         if n < 0 or n > len(subs):
             raise PassError(
@@ -220,11 +211,9 @@ class DropPass(SurgeryPass):
             )
             if i in chosen:
                 layer_idx = None
-                att = attention_of_block(get_module(model, sub.block_path))
-                if kind == "attention" and att is not None and att[1].causal:
-                    layer_idx = getattr(
-                        get_module(model, sub.block_path).get_submodule(att[0]), "layer_idx", None
-                    )
+                site = sites.get(sub.block)
+                if kind == "attention" and site is not None and site.causal:
+                    layer_idx = getattr(get_module(model, site.path), "layer_idx", None)
                 for p, (mode, tup) in sub.replace.items():
                     replace[p] = (mode, tup, layer_idx)
         plan.data["replace"] = replace

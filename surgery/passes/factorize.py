@@ -33,11 +33,8 @@ from surgery import ast
 from surgery.modules.sparse import DenseSparseLinear
 from surgery.passes.base import Change, PlanRow, StepPlan, SurgeryPass, TrainingHook
 from surgery.select import select
-from surgery.support import PASS_VERBS
 
 __all__ = ["FactorizePass", "RefreshMasks"]
-
-METHODS = ("dense-sparse",)
 
 
 class RefreshMasks(TrainingHook):
@@ -53,13 +50,10 @@ class RefreshMasks(TrainingHook):
                 module.refresh_mask()
 
 
-class FactorizePass(SurgeryPass):
+class FactorizePass(SurgeryPass[ast.Factorize]):
     """Dense-basis × sparse-coefficient factorisation of `Linear` layers (DSFormer)."""
 
     keyword: ClassVar[str] = "factorize"
-    statement_type = ast.Factorize
-    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["factorize"].types
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["factorize"].options
 
     def plan(self, model: nn.Module) -> StepPlan:
         context = self.ensure_context(model)

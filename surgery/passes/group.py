@@ -50,7 +50,6 @@ from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.modules.attention import GroupedAttention, pairing, pool_heads
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
-from surgery.support import PASS_VERBS
 from surgery.transformer_arch import (
     AttentionSite,
     attention_sites,
@@ -185,12 +184,10 @@ def _regroup_gqa(model: nn.Module, m: Any, site: AttentionSite, kv_groups: int) 
             cfg.num_key_value_heads = kv_groups
 
 
-class GroupPass(SurgeryPass):
+class GroupPass(SurgeryPass[ast.Group]):
     """``group kv = G`` / ``group q = Gq kv = Gkv`` over every block's self-attention."""
 
     keyword: ClassVar[str] = "group"
-    statement_type: ClassVar[type[ast.Node]] = ast.Group
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["group"].options
 
     def _error(self, field: ast.Int, site: AttentionSite, what: str, current: int) -> PassError:
         valid = divisors(current)
@@ -215,8 +212,8 @@ class GroupPass(SurgeryPass):
         stmt = self.statement
         assert isinstance(stmt, ast.Group)
         plan = self.new_plan()
-        try:
-            sites = attention_sites(model)
+        try:  # the attentions of the dependency graph, with the head layouts of their families
+            sites = attention_sites(model, ctx.analysis.attentions)
         except LookupError:
             sites = []
         if not sites:
@@ -291,6 +288,7 @@ class GroupPass(SurgeryPass):
 
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
         targets: dict[str, tuple[int, int]] = plan.data.get("targets", {})
+        # Found afresh: an earlier statement may have changed the model since it was planned.
         sites = {s.path: s for s in attention_sites(model)} if targets else {}
         changes: list[Change] = []
         for path, (q, kv) in targets.items():

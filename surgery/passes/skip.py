@@ -36,25 +36,23 @@ from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.modules.token_skip import TokenSkipLayers, keep_count
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
-from surgery.support import PASS_VERBS
 from surgery.transformer_arch import block_list, get_module, has_cls_token, set_module
 
 __all__ = ["SkipPass"]
 
 
-class SkipPass(SurgeryPass):
+class SkipPass(SurgeryPass[ast.SkipTokens]):
     """``skip tokens P% after block D [until block E]``."""
 
     keyword: ClassVar[str] = "skip"
-    statement_type: ClassVar[type[ast.Node]] = ast.SkipTokens
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["skip"].options
 
     def plan(self, model: nn.Module) -> StepPlan:
         ctx = self.ensure_context(model)
         stmt = self.statement
         assert isinstance(stmt, ast.SkipTokens)
         plan = self.new_plan()
-        if not has_cls_token(model):
+        units = ctx.analysis.attentions  # where the dependency graph found attention
+        if not has_cls_token(model, units):
             raise PassError(
                 Diagnostic(
                     code="S0324",
@@ -63,7 +61,7 @@ class SkipPass(SurgeryPass):
                     help="use `skip tokens` on ViT or BERT-style encoders; for decoders consider `drop` or `truncate`",
                 )
             )
-        path, blocks = block_list(model)
+        path, blocks = block_list(model, units)
         if isinstance(path, str) and path.endswith(".inner"):
             raise PassError(
                 Diagnostic(
@@ -74,16 +72,7 @@ class SkipPass(SurgeryPass):
                 )
             )
         n = len(blocks)
-        ratio = stmt.ratio.magnitude
-        if not 0.0 <= ratio <= 1.0:
-            raise PassError(
-                Diagnostic(
-                    code="S0322",
-                    message=f"the skipped fraction must be between 0% and 100%, got {ratio:g}",
-                    span=stmt.ratio.span,
-                    help="write e.g. `skip tokens 55% after block 3`",
-                )
-            )
+        ratio = stmt.ratio.magnitude  # `check` rejects a fraction outside [0, 1) (S0203)
         d = stmt.after.value
         if not 0 <= d < n - 1:
             raise PassError(
@@ -96,12 +85,12 @@ class SkipPass(SurgeryPass):
             )
         last = n - 1
         if stmt.until is not None:
-            last = stmt.until.value
-            if not d < last <= n - 1:
+            last = stmt.until.value  # `check` rejects one not after `after` (S0204)
+            if last > n - 1:
                 raise PassError(
                     Diagnostic(
                         code="S0321",
-                        message=f"`until block {last}` must be a later block than {d}, at most {n - 1}",
+                        message=f"block {last} is out of range: the model has blocks 0..{n - 1}",
                         span=stmt.until.span,
                         help=f"valid range: {d + 1}..{n - 1}",
                     )

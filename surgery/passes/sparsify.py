@@ -31,7 +31,6 @@ from surgery import ast
 from surgery.modules.sparse import SparseLinear
 from surgery.passes.base import Change, PlanRow, StepPlan, SurgeryPass, TrainingHook
 from surgery.select import select
-from surgery.support import PASS_VERBS
 
 __all__ = ["KeepMasks", "SparsifyPass", "input_norms"]
 
@@ -87,13 +86,10 @@ def input_norms(
     return {p: s.sqrt() for p, s in sums.items()}
 
 
-class SparsifyPass(SurgeryPass):
+class SparsifyPass(SurgeryPass[ast.Sparsify]):
     """N:M magnitude (or Wanda, with calibration data) pruning of `Linear` layers."""
 
     keyword: ClassVar[str] = "sparsify"
-    statement_type = ast.Sparsify
-    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["sparsify"].types
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["sparsify"].options
 
     def plan(self, model: nn.Module) -> StepPlan:
         context = self.ensure_context(model)

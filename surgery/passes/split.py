@@ -31,7 +31,6 @@ are grouped (the separable fit mixes channels; ``exact`` handles groups), and wh
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, cast
 
 import torch
@@ -40,22 +39,19 @@ from torch import nn
 from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.facts import ModuleInfo
-from surgery.lowrank import rank_for_energy
 from surgery.modules.conv3d import (
     Conv2Plus1d,
     Conv3dAs2d,
     conv3d_output_size,
     explicit_padding,
+    separable_factors,
     triple,
 )
 from surgery.passes.base import Change, PlanRow, StepPlan, SurgeryPass
+from surgery.passes.ranks import resolve_rank
 from surgery.select import select
-from surgery.support import PASS_VERBS
 
 __all__ = ["SplitPass", "conv2plus1d_flops", "conv3d_flops"]
-
-MODES = ("exact", "(2+1)d")
-COMBINES = ("add", "cat")
 
 
 def _frames(info: ModuleInfo) -> tuple[int, int, int, int] | None:
@@ -96,18 +92,15 @@ def conv2plus1d_flops(
     return 2 * macs
 
 
-class SplitPass(SurgeryPass):
+class SplitPass(SurgeryPass[ast.Split]):
     """Rewrite `Conv3d` layers as 4D-only computations: exact, or factorised (2+1)D."""
 
     keyword: ClassVar[str] = "split"
-    statement_type = ast.Split
-    supported_types: ClassVar[tuple[str, ...]] = PASS_VERBS["split"].types
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["split"].options
 
     def _rank(self, conv: nn.Conv3d, combine: str) -> tuple[int, float]:
-        """The (2+1)D rank for ``conv`` and the kernel energy it keeps."""
-        from surgery.modules.conv3d import separable_factors
-
+        """The (2+1)D rank for ``conv`` and the kernel energy it keeps: the statement's
+        ``rank = …`` of the kernel's time×space unfolding
+        (:func:`~surgery.passes.ranks.resolve_rank`), else the parameter-matched rank."""
         full = Conv2Plus1d.full_rank(conv)
         spec = cast(ast.Split, self.statement).rank
         w = conv.weight.detach()
@@ -122,13 +115,13 @@ class SplitPass(SurgeryPass):
                     break
             if rank == 0:
                 return 0, 0.0
-        elif spec.kind == "fraction":
-            rank = max(1, min(full, math.floor(spec.value.magnitude * full + 0.5)))
-        elif spec.kind == "absolute":
-            rank = int(spec.value.magnitude)
         else:
-            unfolded = w.to(torch.float64).permute(0, 2, 1, 3, 4).reshape(s * kt, c * kh * kw)
-            rank = rank_for_energy(torch.linalg.svdvals(unfolded), spec.value.magnitude)
+
+            def spectrum() -> torch.Tensor:  # of the unfolding [(S, kT), (C, kH, kW)]
+                unfolded = w.to(torch.float64).permute(0, 2, 1, 3, 4).reshape(s * kt, c * kh * kw)
+                return torch.linalg.svdvals(unfolded)
+
+            rank = resolve_rank(spec, full, spectrum)
         if rank > full or rank < 1:
             return rank, 0.0
         _, _, energy = separable_factors(w, rank)

@@ -24,12 +24,9 @@ from torch import nn
 from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
-from surgery.support import PASS_VERBS
 from surgery.transformer_arch import block_list, find_hf_config, get_module, set_module
 
 __all__ = ["TruncatePass", "truncation_indices"]
-
-STRATEGIES = ("uniform", "pseudo-uniform")
 
 
 def truncation_indices(n: int, k: int, strategy: str) -> list[int]:
@@ -46,12 +43,10 @@ def truncation_indices(n: int, k: int, strategy: str) -> list[int]:
     raise ValueError(f"unknown strategy `{strategy}`")
 
 
-class TruncatePass(SurgeryPass):
+class TruncatePass(SurgeryPass[ast.Truncate]):
     """``truncate blocks keep K uniform|pseudo-uniform|[i, j, ...]``."""
 
     keyword: ClassVar[str] = "truncate"
-    statement_type: ClassVar[type[ast.Node]] = ast.Truncate
-    implemented_options: ClassVar[dict[str, set[str] | None]] = PASS_VERBS["truncate"].options
 
     def _fail(self, code: str, message: str, node: ast.Node, help: str) -> PassError:
         return PassError(Diagnostic(code=code, message=message, span=node.span, help=help))
@@ -61,8 +56,8 @@ class TruncatePass(SurgeryPass):
         stmt = self.statement
         assert isinstance(stmt, ast.Truncate)
         plan = self.new_plan()
-        try:
-            path, blocks = block_list(model)
+        try:  # the module list whose items hold the attentions of the dependency graph
+            path, blocks = block_list(model, ctx.analysis.attentions)
         except LookupError:
             raise self._fail(
                 "S0340",
@@ -87,25 +82,12 @@ class TruncatePass(SurgeryPass):
                         node,
                         f"valid block indices: 0..{n - 1}",
                     )
+            # `check` rejects a list of other than `keep` distinct indices (S0204, S0203).
             kept = sorted({node.value for node in stmt.indices})
-            if len(kept) != k:
-                raise self._fail(
-                    "S0343",
-                    f"`keep {k}` lists {len(kept)} distinct blocks",
-                    stmt.keep,
-                    f"list exactly {k} distinct indices in 0..{n - 1}, or write `keep {len(kept)}`",
-                )
             strategy = "indices"
         else:
+            # `check` rejects an unknown strategy (S0201).
             strategy = stmt.strategy.value if stmt.strategy is not None else "uniform"
-            if strategy not in STRATEGIES:
-                assert stmt.strategy is not None
-                raise self._fail(
-                    "S0344",
-                    f"unknown truncation strategy `{strategy}`",
-                    stmt.strategy,
-                    "use `uniform`, `pseudo-uniform` or a list of block indices `[0, 3, 5]`",
-                )
             kept = truncation_indices(n, k, strategy)
         for i, blk in enumerate(blocks):
             bpath = f"{path}.{i}"
