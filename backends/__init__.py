@@ -2,8 +2,9 @@
 
 One :class:`Backend` protocol (``name``, ``device``, ``is_available()``, ``lower()``) with one
 file per target, and one shared :func:`verify`. The manager and the CLI call
-:func:`run_targets` for a recipe's ``target`` statements and :func:`contract_value` for
-``expect speedup … on B``; the checker reads :data:`TARGET_SUPPORT` and :data:`EXPECT_ON`.
+:func:`run_targets` for a recipe's ``target`` statements (``surgery.contracts`` reads
+their speedups for ``expect speedup … on B``); the checker reads :data:`TARGET_SUPPORT` and
+:data:`EXPECT_ON` (from :mod:`surgery.targets`).
 
 =================  ===================  ============================================
 recipe             backend name         lowering
@@ -28,13 +29,14 @@ recipe             backend name         lowering
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from surgery.targets import DEFAULT_DEVICE, EXPECT_ON, TARGET_SUPPORT
+from surgery.targets import DEFAULT_DEVICE, EXPECT_ON, LOADERS, TARGET_SUPPORT
 
 from .base import (
     Backend,
@@ -61,7 +63,6 @@ __all__ = [
     "Lowered",
     "LoweringError",
     "Verification",
-    "contract_value",
     "get_backend",
     "relative_error",
     "run_targets",
@@ -85,27 +86,10 @@ def get_backend(backend: str, device: str | None = None, trials: int | None = No
     device = device or DEFAULT_DEVICE.get(backend)
     if f"{backend} {device}" not in (TARGET_SUPPORT["device"] or set()):
         raise ValueError(f"target `{backend} {device}` is not implemented")
-    if backend == "torch":
-        from .torch_backend import TorchBackend
-
-        if device == "inductor":
-            return TorchBackend("cpu", compiled=True)
-        assert device is not None
-        return TorchBackend(device)
-    if backend == "onnx":
-        from .onnx_backend import OnnxBackend
-
-        assert device is not None
-        return OnnxBackend(device)
-    if backend == "mindir":
-        from .mindir import MindirBackend
-
-        assert device is not None
-        return MindirBackend(device)
-    from .tvm_backend import TvmBackend
-
+    module, _, name = LOADERS[backend].partition(":")
+    cls = getattr(importlib.import_module(module), name)
     assert device is not None
-    return TvmBackend(device, trials=trials)
+    return cls.for_target(device, trials)  # type: ignore[no-any-return]
 
 
 def run_targets(
@@ -169,32 +153,3 @@ def run_targets(
                     progress(f"{backend.name}: no Ascend estimate ({first_line(exc)})", 0, 1)
         results.append(result)
     return results
-
-
-def contract_value(
-    verifications: Sequence[Verification], backend: str
-) -> tuple[float, tuple[float, float]] | None:
-    """``(speedup, (ci_low, ci_high))`` for ``expect speedup … on BACKEND``, or None.
-
-    ``backend`` is the recipe's name (``onnx``) or a full backend name (``onnx-cpu``). With
-    several measured targets of one backend (``onnx cpu`` and ``onnx cuda``) the contract
-    reads the slowest, so that it holds on every target it names. None when no target of
-    that backend was timed (unavailable, failed, or numerics failed): the contract is then
-    "not measured", never "met".
-
-    >>> from surgery.timing import Speedup
-    >>> v = Verification("onnx-cpu", "ok", 1e-4, speed=Speedup("onnx-cpu", 2.0, 1.0, 2.0, 1.9, 2.1, 5, 1))
-    >>> contract_value([v], "onnx"), contract_value([v], "tvm")
-    ((2.0, (1.9, 2.1)), None)
-    """
-    measured = [
-        v.speed
-        for v in verifications
-        if v.speed is not None
-        and v.ok
-        and (v.backend == backend or v.backend.split("-", 1)[0] == backend)
-    ]
-    if not measured:
-        return None
-    slowest = min(measured, key=lambda s: s.speedup)
-    return slowest.speedup, (slowest.ci_low, slowest.ci_high)

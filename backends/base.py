@@ -141,6 +141,11 @@ class Backend(Protocol):
     name: str
     device: str
 
+    @classmethod
+    def for_target(cls, device: str, trials: int | None = None) -> Backend:
+        """The backend for ``target BACKEND DEVICE [trials N]`` (what `get_backend` calls)."""
+        ...
+
     def is_available(self) -> tuple[bool, str]:
         """``(True, "")`` or ``(False, reason)`` naming what is missing and how to add it."""
         ...

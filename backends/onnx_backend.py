@@ -124,6 +124,11 @@ class OnnxBackend:
         self.name = f"onnx-{device}"
         self.opset = opset
 
+    @classmethod
+    def for_target(cls, device: str, trials: int | None = None) -> OnnxBackend:
+        """``target onnx cpu|cuda`` (``trials`` is not used: ONNX Runtime is not tuned)."""
+        return cls(device)
+
     def is_available(self) -> tuple[bool, str]:
         missing = [
             m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None

@@ -98,6 +98,13 @@ class TorchBackend:
         else:
             self.name = f"torch-{device}"
 
+    @classmethod
+    def for_target(cls, device: str, trials: int | None = None) -> TorchBackend:
+        """``target torch cpu|cuda|inductor`` (``inductor``: compiled, on the CPU)."""
+        if device == "inductor":
+            return cls("cpu", compiled=True)
+        return cls(device)
+
     def is_available(self) -> tuple[bool, str]:
         if self.device == "cuda" and not torch.cuda.is_available():
             return (

@@ -185,6 +185,11 @@ class TvmBackend:
         self.name = f"tvm-{device}"
         self.trials = DEFAULT_TRIALS if trials is None else trials
 
+    @classmethod
+    def for_target(cls, device: str, trials: int | None = None) -> TvmBackend:
+        """``target tvm llvm|cuda [trials N]``."""
+        return cls(device, trials=trials)
+
     def is_available(self) -> tuple[bool, str]:
         if importlib.util.find_spec("tvm") is None:
             return False, (

@@ -677,8 +677,9 @@ def entry() -> NoReturn:
     # `python -m surgery` puts the current directory first on sys.path; a console script puts
     # its own bin directory there. Neither may import code from the working directory (a
     # planted `transformers.py` would run): only an explicit `--arch` names user code.
-    cwd = os.getcwd()
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
+    # Only the entry Python itself put first is dropped: a PYTHONPATH the user set stays.
+    if sys.path and sys.path[0] in ("", ".", os.getcwd()):
+        del sys.path[0]
     if sys.argv[1:2] in (["check"], ["fmt"]):
         # One-shot, and parsing and checking build no reference cycles (see
         # `diagnostics.collector_paused`): the cyclic collector would only rescan the growing

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["InputError", "Inputs", "calibration_inputs", "example_inputs", "flatten_outputs"]
+__all__ = [
+    "InputError",
+    "Inputs",
+    "calibration_inputs",
+    "example_inputs",
+    "flatten_outputs",
+    "prepare_inputs",
+]
 
 
 class InputError(Exception):
@@ -482,3 +489,28 @@ def calibration_inputs(
         )
     ins = ins.slice(0, min(samples, ins.batch_size()))
     return _split(ins, batch)
+
+
+def prepare_inputs(
+    loaded_or_model: Any,
+    source: Path | None,
+    *,
+    samples: int,
+    batch: int,
+    seed: int = 0,
+) -> tuple[Inputs, list[Inputs]]:
+    """A run's example inputs and calibration batches (``calibrate with SOURCE``, or drawn
+    from the model when ``source`` is None).
+
+    A model that cannot make its own example inputs runs on the first calibration batch.
+    """
+    try:
+        example: Inputs | None = example_inputs(loaded_or_model, seed=seed)
+    except InputError:
+        if source is None:
+            raise
+        example = None
+    calibration = calibration_inputs(
+        source, loaded_or_model, samples=samples, batch=batch, seed=seed
+    )
+    return (example if example is not None else calibration[0]), calibration

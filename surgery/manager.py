@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from surgery import ast
+from surgery.contracts import Contract, Measured, evaluate
 from surgery.diagnostics import Diagnostic, first_line
 from surgery.facts import Analysis
-from surgery.inputs import InputError, Inputs, calibration_inputs, example_inputs, flatten_outputs
+from surgery.inputs import InputError, Inputs, flatten_outputs, prepare_inputs
 from surgery.load import LoadedModel
 from surgery.metrics import drift, padding_mask
 from surgery.passes import (
@@ -85,28 +86,6 @@ class Member(NamedTuple):
     model: nn.Module
     drift: float  # on the probe batch
     changes: list[Change]  # the provenance of this member: every change made before it was kept
-
-
-@dataclass
-class Contract:
-    """An ``expect`` statement and how the result measured against it."""
-
-    statement: ast.Expect
-    text: str
-    measured: float | None
-    interval: tuple[float, float] | None
-    held: bool | None  # None: could not be measured
-    detail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "contract": self.text,
-            "line": self.statement.span.line,
-            "measured": self.measured,
-            "interval": list(self.interval) if self.interval else None,
-            "held": self.held,
-            "detail": self.detail,
-        }
 
 
 @dataclass
@@ -209,18 +188,9 @@ class Manager:
         if spec.source is not None:
             path = Path(spec.source)
             source = path if path.is_absolute() else self.recipe_dir / path
-        try:
-            example = example_inputs(self._source(), seed=self.seed)
-        except InputError:
-            if source is None:
-                raise
-            example = None  # a model that cannot make its own inputs runs on the calibration file
-        calibration = calibration_inputs(
-            source, self._source(), samples=spec.samples, batch=spec.batch, seed=self.seed
+        return prepare_inputs(
+            self._source(), source, samples=spec.samples, batch=spec.batch, seed=self.seed
         )
-        if example is None:
-            example = calibration[0]
-        return example, calibration
 
     def _emit(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:
@@ -356,7 +326,16 @@ class Manager:
                 progress=self.progress,
             )
         original.train(was_training)
-        run.contracts = [self._contract(s, run) for s in self.program.contracts]
+        measured = Measured(
+            run.params_before,
+            run.params_after,
+            run.flops_before,
+            run.flops_after,
+            run.drift,
+            run.speed,
+            run.verifications,
+        )
+        run.contracts = [evaluate(s, measured) for s in self.program.contracts]
         return run
 
     def _probe_drift(self, model: nn.Module) -> float:
@@ -542,40 +521,3 @@ class Manager:
                 )
             )
         return self._probe_drift(model)
-
-    def _contract(self, stmt: ast.Expect, run: Run) -> Contract:
-        from surgery.fmt import format_statement
-        from surgery.select import _compare
-
-        text = format_statement(stmt)
-        metric = stmt.metric.value
-        target = stmt.value.magnitude
-        interval: tuple[float, float] | None = None
-        if metric in ("params", "flops"):
-            before = run.params_before if metric == "params" else run.flops_before
-            after = run.params_after if metric == "params" else run.flops_after
-            if stmt.value.unit == "%":
-                measured = after / before if before else 0.0
-                shown = f"{measured:.1%} of the original ({after:,} of {before:,})"
-            else:
-                measured = float(after)
-                shown = f"{after:,}"
-        elif metric == "drift":
-            measured = float(run.drift) if run.drift is not None else float("nan")
-            shown = f"{measured:.4g}"
-        else:
-            from surgery.backends import contract_value
-
-            backend = stmt.on.value if stmt.on is not None else "torch"
-            value = contract_value(run.verifications, backend)
-            torch_targets = [v for v in run.verifications if v.backend.startswith("torch-")]
-            if value is None and backend == "torch" and not torch_targets and run.speed:
-                value = (run.speed.speedup, (run.speed.ci_low, run.speed.ci_high))
-            if value is None:
-                return Contract(
-                    stmt, text, None, None, None, f"speed was not measured on {backend}"
-                )
-            measured, interval = value
-            shown = f"{measured:.2f}× [{interval[0]:.2f}, {interval[1]:.2f}] on {backend}"
-        held = _compare(measured, stmt.op, target)
-        return Contract(stmt, text, measured, interval, held, shown)

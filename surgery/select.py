@@ -43,7 +43,8 @@ def type_names(module: nn.Module) -> set[str]:
     }
 
 
-def _compare(lhs: float, op: str, rhs: float) -> bool:
+def compare(lhs: float, op: str, rhs: float) -> bool:
+    """``lhs OP rhs`` for a recipe comparison (``>``, ``>=``, ``<``, ``<=``, ``==``, ``!=``)."""
     if op == ">":
         return lhs > rhs
     if op == ">=":
@@ -78,11 +79,11 @@ def evaluate(
         if speedups is None:
             raise SelectorError("`speedup` predicates need a measuring backend")
         measured = speedups.get(info.path)
-        return measured is not None and _compare(measured, predicate.op, predicate.value.magnitude)
+        return measured is not None and compare(measured, predicate.op, predicate.value.magnitude)
     value = getattr(info, field)
     if value is None:
         return False
-    return _compare(float(value), predicate.op, predicate.value.magnitude)
+    return compare(float(value), predicate.op, predicate.value.magnitude)
 
 
 def uses_speedup(predicate: ast.Predicate | None) -> bool:

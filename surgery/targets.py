@@ -8,7 +8,9 @@ all read it, so a backend or a device is added here once.
   in the language, but nothing here can run or time an Ascend NPU);
 * :data:`DEFAULT_DEVICE` — the device a bare ``target B`` means;
 * :data:`EXPECT_ON` — the backends ``expect speedup ... on B`` can name;
-* :data:`TILE` — per backend name, the rank step at which its latency moves (:func:`tile_for`).
+* :data:`TILE` — per backend name, the rank step at which its latency moves (:func:`tile_for`);
+* :data:`LOADERS` — the class that lowers to each backend (``module:Class``, built by
+  ``surgery.backends.get_backend`` with ``Class.for_target(device, trials)``).
 
 >>> DEFAULT_DEVICE["tvm"], "mindir ascend" in (TARGET_SUPPORT["device"] or ())
 ('llvm', False)
@@ -20,7 +22,15 @@ True
 
 from __future__ import annotations
 
-__all__ = ["BACKENDS", "DEFAULT_DEVICE", "EXPECT_ON", "TARGET_SUPPORT", "TILE", "tile_for"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_DEVICE",
+    "EXPECT_ON",
+    "LOADERS",
+    "TARGET_SUPPORT",
+    "TILE",
+    "tile_for",
+]
 
 BACKENDS: dict[str, tuple[str, ...]] = {
     "torch": ("cpu", "cuda", "inductor"),
@@ -30,6 +40,13 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 }
 
 DEFAULT_DEVICE: dict[str, str] = {"torch": "cpu", "onnx": "cpu", "tvm": "llvm", "mindir": "cpu"}
+
+LOADERS: dict[str, str] = {
+    "torch": "surgery.backends.torch_backend:TorchBackend",
+    "onnx": "surgery.backends.onnx_backend:OnnxBackend",
+    "tvm": "surgery.backends.tvm_backend:TvmBackend",
+    "mindir": "surgery.backends.mindir:MindirBackend",
+}
 
 # What the code implements, not what this machine has (an unavailable device is skipped with
 # a reason at run time). `trials` is accepted for every backend and used by `tvm` only.

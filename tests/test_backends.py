@@ -20,13 +20,13 @@ from surgery.backends import (
     FlatSignature,
     LoweringError,
     Verification,
-    contract_value,
     get_backend,
     run_targets,
     verify,
 )
 from surgery.backends.base import Lowered
 from surgery.check import BACKENDS
+from surgery.contracts import contract_value
 from surgery.inputs import Inputs
 from surgery.manager import Manager, Run
 from surgery.timing import Speedup, measure_speedup_fn

@@ -10,6 +10,7 @@ else but success is a failure.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,9 +140,25 @@ def test_every_family_has_a_model() -> None:
     assert {p.stem.split("-")[0] for p in RECIPES} <= set(FAMILIES)
 
 
+_MEASURED = re.compile(r"; drift after this step \S+")
+
+
+def _planned(stdout: str) -> str:
+    """What `surgery apply` planned and did (every statement's rows, parameters, FLOPs), without
+    what it measured (drift, timings, targets, contracts) or the output path."""
+    kept = [
+        _MEASURED.sub("", line)
+        for line in stdout.splitlines()
+        if not line.startswith(("drift ", "measured ", "target ", "contract ", "wrote "))
+    ]
+    return "\n".join(kept) + "\n"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_runs_end_to_end(recipe: Path, tmp_path: Path) -> None:
+def test_recipe_runs_end_to_end(
+    recipe: Path, tmp_path: Path, golden: Callable[[str, str], None]
+) -> None:
     unimplemented = [d for d in check(parse(recipe.read_text())) if d.code == "S0209"]
     if unimplemented:
         pytest.xfail("not implemented yet: " + "; ".join(d.message for d in unimplemented))
@@ -175,6 +192,7 @@ def test_recipe_runs_end_to_end(recipe: Path, tmp_path: Path) -> None:
     if res.returncode == 3:
         assert "error[S0501]: contract not met" in res.stderr
     assert "measured speedup" in res.stdout
+    golden(f"recipes/{recipe.stem}.plan.txt", _planned(res.stdout))
     for name in ("model.safetensors", "surgery.json", "plan.json", "report.md", "recipe.surg"):
         assert (out / name).is_file()
     model = surgery.load(out)

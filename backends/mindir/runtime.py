@@ -102,6 +102,11 @@ class MindirBackend:
         self.device = device
         self.name = f"mindir-{device}"
 
+    @classmethod
+    def for_target(cls, device: str, trials: int | None = None) -> MindirBackend:
+        """``target mindir cpu|ascend`` (``trials`` is not used)."""
+        return cls(device)
+
     def is_available(self) -> tuple[bool, str]:
         if importlib.util.find_spec("mindspore") is None:
             return False, f"MindSpore is not installed: {INSTALL}"
