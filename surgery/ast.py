@@ -93,6 +93,17 @@ from surgery.verbs.target import Target
 from surgery.verbs.truncate import Truncate
 
 
+def __getattr__(name: str) -> Any:
+    """The node of a verb added to :data:`surgery.verbs.VERBS` but not imported above (the
+    imports are for type checkers; a new verb works without them)."""
+    from surgery.verbs import VERBS
+
+    for verb in VERBS:
+        if verb.node.__name__ == name:
+            return verb.node
+    raise AttributeError(f"module 'surgery.ast' has no attribute {name!r}")
+
+
 def strip_spans(node: BaseModel | Any) -> Any:
     """The node as plain data without spans: equal for ASTs that mean the same.
 

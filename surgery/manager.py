@@ -1,6 +1,9 @@
-"""The pass manager: runs a checked recipe on a model, statement by statement.
+"""The pass manager: runs a checked recipe on a model, step by step.
 
-For each pass statement, in recipe order, the manager
+The recipe is lowered first (:func:`surgery.program.lower`): the manager loops over the
+program's steps and reads the run's configuration from it, never from the recipe. For each
+pass step (once per member of a progressive family, healing in between when the recipe
+heals), the manager
 
 1. plans it against the current model and its analysis (a selector that matches nothing is
    a warning naming the nearest modules, an error with ``strict``);
@@ -11,8 +14,9 @@ For each pass statement, in recipe order, the manager
    original) and records every change with its pass and recipe line.
 
 Statements that are not passes configure the run: ``calibrate`` (inputs for data-aware
-passes, drift and timing), ``target`` (where speed is measured) and ``expect`` (contracts
-checked at the end).
+passes, drift and timing: :func:`surgery.inputs.prepare_inputs`), ``target`` (where speed is
+measured, and the layer timer passes use) and ``expect`` (contracts checked at the end:
+:mod:`surgery.contracts`).
 
 >>> import torch
 >>> from surgery.parse import parse
