@@ -18,7 +18,7 @@ second run does not time again; a table lacking some variant is measured again a
 
 >>> t = LatencyTable("torch-cpu", "Linear", {"in_features": 8, "out_features": 8}, (2, 8),
 ...                  "float32", "x", dense=2.0, variants={"4": 1.0})
->>> t.key() == LatencyTable.from_json(t.to_json()).key(), t.speedup("4")
+>>> t.key() == LatencyTable.from_json(t.to_json()).key(), t.times().speedup("4")
 (True, 2.0)
 """
 
@@ -81,10 +81,6 @@ class LatencyTable:
             self.dtype,
             self.torch_version,
         )
-
-    def speedup(self, variant: str) -> float:
-        """Dense latency over the variant's latency (> 1: the replacement pays)."""
-        return self.dense / max(self.variants[variant], 1e-12)
 
     def times(self) -> LayerTimes:
         """The table as the pass-facing :class:`surgery.timing.LayerTimes`."""

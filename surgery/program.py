@@ -109,12 +109,6 @@ class Program:
     targets: tuple[TargetSpec, ...] = ()
     contracts: tuple[ast.Expect, ...] = ()
 
-    def with_targets(self, extra: tuple[TargetSpec, ...]) -> Program:
-        """The program with ``extra`` targets after the recipe's (e.g. from ``--target``)."""
-        return Program(
-            self.recipe, self.steps, self.calibration, self.targets + extra, self.contracts
-        )
-
 
 def _heal_step(statements: list[ast.Statement], index: int) -> HealStep:
     stmt = statements[index]

@@ -56,6 +56,11 @@ Pair = tuple[int, int]  # (r_out, r_in)
 # --- matrix layers (Linear, Conv1D, 1×1 seen as a matrix) -----------------------------------
 
 
+def _on_tile(rank: int, step: int) -> int:
+    """``rank`` rounded down to a multiple of ``step`` (itself when below one tile)."""
+    return rank - rank % step if rank >= step else rank
+
+
 def candidate_ranks(requested: int, step: int, *, min_fraction: float = 0.5) -> list[int]:
     """Ranks to time: ``requested`` rounded down to the tile, then down by ``step``.
 
@@ -69,7 +74,7 @@ def candidate_ranks(requested: int, step: int, *, min_fraction: float = 0.5) -> 
     >>> candidate_ranks(5, 8)
     [5]
     """
-    top = requested - requested % step if requested >= step else requested
+    top = _on_tile(requested, step)
     floor = max(1, int(requested * min_fraction))
     ranks = [r for r in range(top, 0, -step) if r >= floor]
     return ranks or [top]
@@ -86,7 +91,7 @@ def choose_rank(times: LayerTimes, requested: int, step: int) -> int | None:
     >>> choose_rank(LayerTimes("fake", 1.0, {"32": 1.2, "24": 1.1}), 32, 8) is None
     True
     """
-    top = requested - requested % step if requested >= step else requested
+    top = _on_tile(requested, step)
     ranks = {int(k): t for k, t in times.variants.items() if k.isdigit()}
     return pick_rank_below_cliff(ranks, times.dense, top, step if top >= step else top)
 
@@ -248,7 +253,7 @@ def choose_tucker_ranks(times: LayerTimes, requested: Pair, step: int) -> Pair |
     (16, 8)
     """
     lead = max(requested)
-    top = lead - lead % step if lead >= step else lead
+    top = _on_tile(lead, step)
     by_lead: dict[int, float] = {}
     for r in range(top, 0, -step if top >= step else -top):
         key = pair_key(_scaled_pair(requested, r))
