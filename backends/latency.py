@@ -70,6 +70,9 @@ class LatencyTable:
     dense: float  # median seconds of the dense layer
     variants: dict[str, float] = field(default_factory=dict)  # variant key -> median seconds
     repeats: int = 0
+    # torch's intra-op threads when measured: a table timed with 2 threads says nothing of 1
+    # (0: unknown, a table cached before this was recorded, never reused)
+    threads: int = 0
 
     def key(self) -> str:
         """Cache key: everything the latency depends on except the weights' values."""
@@ -80,6 +83,7 @@ class LatencyTable:
             self.input_shape,
             self.dtype,
             self.torch_version,
+            self.threads,
         )
 
     def times(self) -> LayerTimes:
@@ -108,10 +112,11 @@ def table_key(
     input_shape: tuple[int, ...] | list[int],
     dtype: str,
     torch_version: str,
+    threads: int,
 ) -> str:
     """The cache key of a table (``ValueError`` if ``geometry`` is not JSON-serialisable)."""
     text = json.dumps(
-        [backend, layer, dict(geometry), list(input_shape), dtype, torch_version],
+        [backend, layer, dict(geometry), list(input_shape), dtype, torch_version, threads],
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -192,6 +197,7 @@ def measure(
         dense=medians.pop(None),
         variants={str(k): t for k, t in medians.items()},
         repeats=repeats,
+        threads=torch.get_num_threads(),
     )
 
 
@@ -216,7 +222,13 @@ def latency_table(
     are dropped from the new table).
     """
     key = table_key(
-        backend.name, layer, geometry, input_shape, _dtype_name(dtype), torch.__version__
+        backend.name,
+        layer,
+        geometry,
+        input_shape,
+        _dtype_name(dtype),
+        torch.__version__,
+        torch.get_num_threads(),
     )
     cached = None if refresh else load_table(key, directory)
     if cached is not None and set(variants) <= set(cached.variants):

@@ -27,11 +27,25 @@ from surgery.fmt import format_recipe, format_source
 from surgery.parse import parse
 
 if TYPE_CHECKING:
+    from surgery.fx_surgery import (
+        GraphSurgery,
+        GraphSurgeryError,
+        SurgeryBackend,
+        compile_backend,
+        rewrite_exported,
+        rewrite_graph,
+    )
     from surgery.load import LoadedModel, ModelLoadError, load_model
     from surgery.manager import Manager, Run
     from surgery.save import load, save_run, write_model
 
 _LAZY = {
+    "GraphSurgery": "surgery.fx_surgery",
+    "GraphSurgeryError": "surgery.fx_surgery",
+    "SurgeryBackend": "surgery.fx_surgery",
+    "compile_backend": "surgery.fx_surgery",
+    "rewrite_exported": "surgery.fx_surgery",
+    "rewrite_graph": "surgery.fx_surgery",
     "LoadedModel": "surgery.load",
     "Manager": "surgery.manager",
     "ModelLoadError": "surgery.load",
@@ -67,17 +81,23 @@ sys.modules[__name__].__class__ = _Package
 __all__ = [
     "Diagnostic",
     "DiagnosticError",
+    "GraphSurgery",
+    "GraphSurgeryError",
     "LoadedModel",
     "Manager",
     "ModelLoadError",
     "Run",
+    "SurgeryBackend",
     "__version__",
     "check",
+    "compile_backend",
     "format_recipe",
     "format_source",
     "load",
     "load_model",
     "parse",
+    "rewrite_exported",
+    "rewrite_graph",
     "save_run",
     "write_model",
 ]

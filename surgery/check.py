@@ -17,6 +17,7 @@ from surgery.support import SUPPORT
 from surgery.targets import BACKENDS
 from surgery.verbs import BY_KEYWORD, LANGUAGE
 from surgery.verbs.base import COUNT_LIMITS, Checker, Support
+from surgery.verbs.decompose import check_goals
 
 __all__ = ["BACKENDS", "COUNT_LIMITS", "LANGUAGE", "Support", "check", "support"]
 
@@ -39,6 +40,7 @@ class _Checker(Checker):
         seen_calibrate: ast.Calibrate | None = None
         targets = {"torch"}
         last_heal = -1  # index of the last `heal` (found once: asking per statement is O(n²))
+        contracts = [s for s in recipe.statements if isinstance(s, ast.Expect)]
         for index, s in enumerate(recipe.statements):
             if isinstance(s, ast.Target):
                 targets.add(s.backend.value)
@@ -46,6 +48,8 @@ class _Checker(Checker):
                 last_heal = index
         for index, s in enumerate(recipe.statements):
             self.statement(s)
+            if isinstance(s, ast.Decompose):
+                check_goals(self, s, contracts)
             if isinstance(s, ast.Calibrate):
                 if seen_calibrate is not None:
                     self.error(
@@ -65,6 +69,7 @@ class _Checker(Checker):
                     )
             if (
                 isinstance(s, ast.Expect)
+                and s.metric.value == "speedup"
                 and s.on is not None
                 and s.on.value in BACKENDS
                 and s.on.value not in targets

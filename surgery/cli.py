@@ -13,6 +13,7 @@ import errno
 import gc
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -41,13 +42,21 @@ exit codes: 0 ok, 1 internal error, 2 user error, 3 an `expect` contract not met
 
 
 class UserError(Exception):
-    """A problem with the user's input; rendered as diagnostics, exit code 2."""
+    """A problem with the user's input; rendered as diagnostics, exit code 2 (3 when the
+    recipe's own contracts cannot be met, e.g. no ranks reach `expect speedup`)."""
 
-    def __init__(self, diagnostics: list[Any], source: str | None, filename: str) -> None:
+    def __init__(
+        self,
+        diagnostics: list[Any],
+        source: str | None,
+        filename: str,
+        exit_code: int = EXIT_USER,
+    ) -> None:
         super().__init__(diagnostics[0].message if diagnostics else "error")
         self.diagnostics = diagnostics
         self.source = source
         self.filename = filename
+        self.exit_code = exit_code
 
 
 class Console:
@@ -59,6 +68,7 @@ class Console:
         self.tty = self.stream.isatty()
         self.last = ""
         self.started = time.perf_counter()
+        self.printed = 0.0  # when the last line was written (not on a terminal)
 
     def progress(self, what: str, done: int, total: int) -> None:
         if self.quiet:
@@ -69,12 +79,18 @@ class Console:
             filled = int(20 * done / total)
             bar = f" [{'#' * filled}{'.' * (20 - filled)}] {done}/{total}"
         line = f"{elapsed:6.1f}s {what}{bar}"
+        # Healing says `healing · loss … · tok/s · ETA` at every step: off a terminal, a line
+        # when the phase (the text before ` · `) changes, then at most one every 10 seconds.
+        phase = what.split(" · ", 1)[0]
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()
-        elif what != self.last:
+        elif phase != self.last.split(" · ", 1)[0] or (
+            what != self.last and elapsed - self.printed >= 10.0
+        ):
             self.stream.write(line + "\n")
             self.stream.flush()
+            self.printed = elapsed
         self.last = what
 
     def done(self) -> None:
@@ -215,8 +231,56 @@ def _targets(args: argparse.Namespace) -> list[tuple[str, str | None, int | None
     return specs
 
 
+def _metrics(args: argparse.Namespace) -> dict[str, Any]:
+    """The user metrics ``--metric module:function`` allows, imported (the only way a recipe's
+    ``expect metric "module:function"`` runs code; a module of the working directory may be
+    named, as for ``--arch``)."""
+    from surgery.diagnostics import Diagnostic
+    from surgery.quality import QualityError, import_metric
+
+    metrics: dict[str, Any] = {}
+    for spec in getattr(args, "metric", None) or []:
+        try:
+            with _importable_cwd(True):
+                metrics[spec] = import_metric(spec)
+        except QualityError as exc:
+            raise UserError(
+                [Diagnostic(code="S0003", message=str(exc), help=exc.help)], None, "--metric"
+            ) from exc
+    return metrics
+
+
+def _parallel(args: argparse.Namespace) -> Any:
+    """This process's share of a torchrun launch (``surgery.distributed``), or None when it
+    runs alone; ``--parallel`` without torchrun is an error."""
+    from surgery.diagnostics import Diagnostic
+    from surgery.distributed import parallel_from_env
+
+    try:
+        return parallel_from_env(getattr(args, "parallel", None))
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(
+            [
+                Diagnostic(
+                    code="S0004",
+                    message=f"cannot run in parallel: {exc}",
+                    help="launch with `torchrun --nproc_per_node N -m surgery apply ...`, "
+                    "or drop `--parallel`",
+                )
+            ],
+            None,
+            "--parallel",
+        ) from exc
+
+
 def _run(
-    args: argparse.Namespace, *, measure: bool, console: Console, workdir: Path | None = None
+    args: argparse.Namespace,
+    *,
+    measure: bool,
+    console: Console,
+    workdir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    parallel: Any = None,
 ) -> tuple[Any, Any, str]:
     from surgery.diagnostics import Diagnostic
     from surgery.inputs import InputError
@@ -224,6 +288,7 @@ def _run(
     from surgery.passes import PassError
 
     recipe, source, warnings = _parse_and_check(args.recipe)
+    metrics = _metrics(args)
     loaded = _load(args)
     manager = Manager(
         recipe,
@@ -232,6 +297,10 @@ def _run(
         strict=args.strict,
         progress=console.progress,
         max_heal_steps=args.max_heal_steps,
+        checkpoint_dir=checkpoint_dir,
+        resume=getattr(args, "resume", False),
+        parallel=parallel,
+        metrics=metrics,
     )
     try:
         run = manager.run(
@@ -242,7 +311,9 @@ def _run(
             workdir=workdir,
         )
     except PassError as exc:
-        raise UserError([exc.diagnostic], source, args.recipe) from exc
+        # S05xx: the recipe's own contracts cannot be met (e.g. no ranks reach them): exit 3
+        code = EXIT_CONTRACT if exc.diagnostic.code.startswith("S05") else EXIT_USER
+        raise UserError([exc.diagnostic], source, args.recipe, code) from exc
     except InputError as exc:
         raise UserError(
             [Diagnostic(code="S0320", message=str(exc), help=None)], None, args.recipe
@@ -292,6 +363,27 @@ def _contract_failures(run: Any, source: str, filename: str) -> list[Any]:
             )
         )
     return diags
+
+
+def _heal_lines(reports: list[Any]) -> list[str]:
+    """One line per `heal`: what it trained on and how the held-out drift moved (no timing:
+    the line is part of the plan's golden text; progress shows tokens/s)."""
+    lines = []
+    for r in reports:
+        text = f"healed {r.steps} steps on {r.source} ({r.examples:,} examples)"
+        if r.losses:
+            text += f": loss {r.losses[0]:.4g} -> {r.losses[-1]:.4g}"
+        if len(r.evals) >= 2:
+            first, last = r.evals[0], r.evals[-1]
+            best = f", kept step {r.best_step}" if r.best_step is not None else ""
+            text += f"; held-out drift {first['drift']:.4f} -> {last['drift']:.4f}{best}"
+            for metric in ("perplexity", "accuracy"):
+                if metric in last:
+                    text += f", {metric} {first[metric]:.4g} -> {last[metric]:.4g}"
+        if r.stopped_early:
+            text += " (stopped early: the contracts held)"
+        lines.append(text + "\n")
+    return lines
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -372,10 +464,26 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from surgery.distributed import shutdown
+
+    parallel = _parallel(args)
+    try:
+        if parallel is not None and not parallel.is_writer:
+            _run(args, measure=False, console=Console(quiet=True), parallel=parallel)
+            status = EXIT_OK
+        else:
+            status = _plan(args, parallel)
+        shutdown(wait=True)
+        return status
+    finally:
+        shutdown()
+
+
+def _plan(args: argparse.Namespace, parallel: Any) -> int:
     from surgery.report import plan_dict, plan_text
 
     console = Console(quiet=args.quiet)
-    run, _, source = _run(args, measure=False, console=console)
+    run, _, source = _run(args, measure=False, console=console, parallel=parallel)
     _emit_diagnostics(run.warnings, source, args.recipe, "text")
     if args.format == "json":
         print(json.dumps(plan_dict(run, recipe=args.recipe, model=args.model), indent=2))
@@ -385,12 +493,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from surgery.diagnostics import Diagnostic
-    from surgery.report import plan_text
-    from surgery.save import OutputError, atomic_directory, write_run
+    """``surgery apply``: alone, or as one rank of ``torchrun ... -m surgery apply`` (every
+    rank builds the same model and heals its share of each batch; only rank 0 prints and
+    writes OUT)."""
+    from surgery.distributed import shutdown
 
-    console = Console(quiet=args.quiet)
     out = Path(args.output)
+    _refuse_existing(args, out)  # every rank sees the same answer, so all stop together
+    if args.stream:
+        return _apply_streamed(args, Console(quiet=args.quiet), out)
+    parallel = _parallel(args)
+    try:
+        if parallel is not None and not parallel.is_writer:
+            partial = _partial(out)
+            _run(
+                args,
+                measure=False,
+                console=Console(quiet=True),
+                checkpoint_dir=partial,
+                parallel=parallel,
+            )
+            status = EXIT_OK
+        else:
+            status = _apply(args, out, parallel)
+        shutdown(wait=True)
+        return status
+    finally:
+        shutdown()
+
+
+def _partial(out: Path) -> Path:
+    """Where healing checkpoints of ``OUT`` live: ``OUT.partial`` beside it (``-o .`` names
+    the working directory, whose name the path itself does not hold)."""
+    absolute = Path(os.path.abspath(out))
+    return absolute.with_name(absolute.name + ".partial")
+
+
+def _refuse_existing(args: argparse.Namespace, out: Path) -> None:
+    from surgery.diagnostics import Diagnostic
+
     # Refuse a bad output before the (long) run, and again atomically when writing.
     if out.exists() and not args.force:
         raise UserError(
@@ -404,6 +545,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
             None,
             args.output,
         )
+
+
+def _apply(args: argparse.Namespace, out: Path, parallel: Any) -> int:
+    from surgery.diagnostics import Diagnostic
+    from surgery.heal import CURVES, write_curves
+    from surgery.report import plan_text
+    from surgery.save import OutputError, atomic_directory, write_run
+
+    console = Console(quiet=args.quiet)
+    # Healing checkpoints live beside OUT (`OUT.partial/`), outside the temporary output, so
+    # a killed run leaves them for `--resume`; a finished one removes them.
+    partial = _partial(out)
+    if partial.exists() and not args.resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    elif args.resume and not partial.is_dir():
+        sys.stderr.write(f"note: no checkpoints in `{partial}`: healing starts afresh\n")
     try:
         # The run happens inside the temporary output so lowered artifacts land in OUT too;
         # any failure removes it, and OUT appears only when everything is written.
@@ -411,11 +568,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
             out, force=args.force, protect=[Path(args.model), Path(args.recipe)]
         ) as tmp:
             run, _loaded, source = _run(
-                args, measure=not args.no_measure, console=console, workdir=tmp / "lowered"
+                args,
+                measure=not args.no_measure,
+                console=console,
+                workdir=tmp / "lowered",
+                checkpoint_dir=partial,
+                parallel=parallel,
             )
             _emit_diagnostics(run.warnings, source, args.recipe, "text")
             console.progress("writing output", 0, 1)
             plan = write_run(run, tmp, recipe_source=source, recipe=args.recipe, model=args.model)
+            # The loss and held-out curves (`surgery.heal.write_curves`), unless the writer of
+            # the run's output already wrote them.
+            curves = [n for n in CURVES if (tmp / n).is_file()] or write_curves(run.heals, tmp)
+        shutil.rmtree(partial, ignore_errors=True)
     except OutputError as exc:
         raise UserError(
             [Diagnostic(code="S0330", message=str(exc), help=exc.help)], None, args.output
@@ -430,7 +596,65 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
     else:
         sys.stdout.write(plan_text(run))
-        sys.stdout.write(f"wrote {out}/ (model.safetensors, surgery.json, plan.json, report.md)\n")
+        sys.stdout.write("".join(_heal_lines(run.heals)))
+        files = ", ".join(
+            ["model.safetensors", "surgery.json", "plan.json", "report.md", "report.html", *curves]
+        )
+        sys.stdout.write(f"wrote {out}/ ({files})\n")
+    failures = _contract_failures(run, source, args.recipe)
+    if failures:
+        _emit_diagnostics(failures, source, args.recipe, "text")
+        return EXIT_CONTRACT
+    return EXIT_OK
+
+
+def _apply_streamed(args: argparse.Namespace, console: Console, out: Path) -> int:
+    """``surgery apply --stream``: the model is read layer by layer from its safetensors
+    shards and OUT written as it goes (`surgery.stream`), for models larger than memory."""
+    from surgery.diagnostics import Diagnostic
+    from surgery.load import ModelLoadError
+    from surgery.passes import PassError
+    from surgery.report import plan_dict, plan_text
+    from surgery.save import OutputError
+    from surgery.stream import StreamError, stream_apply
+
+    recipe, source, warnings = _parse_and_check(args.recipe)
+    try:
+        run = stream_apply(
+            recipe,
+            args.model,
+            out,
+            recipe_source=source,
+            recipe_name=args.recipe,
+            model_name=args.model,
+            force=args.force,
+            strict=args.strict,
+            progress=console.progress,
+            protect=[Path(args.recipe)],
+        )
+    except StreamError as exc:  # refusals carry recipe spans; model problems none
+        raise UserError(exc.diagnostics, source, args.recipe) from exc
+    except PassError as exc:
+        raise UserError([exc.diagnostic], source, args.recipe) from exc
+    except ModelLoadError as exc:
+        raise _model_error(exc, "S0310", args.model) from exc
+    except OutputError as exc:
+        raise UserError(
+            [Diagnostic(code="S0330", message=str(exc), help=exc.help)], None, args.output
+        ) from exc
+    except OSError as exc:
+        raise UserError([_write_error(exc, out)], None, args.output) from exc
+    finally:
+        console.done()
+    run.warnings[:0] = warnings
+    _emit_diagnostics(run.warnings, source, args.recipe, "text")
+    if args.format == "json":
+        print(json.dumps(plan_dict(run, recipe=args.recipe, model=args.model), indent=2))
+    else:
+        sys.stdout.write(plan_text(run))
+        sys.stdout.write(
+            f"wrote {out}/ (model.safetensors, surgery.json, plan.json, report.md, report.html)\n"
+        )
     failures = _contract_failures(run, source, args.recipe)
     if failures:
         _emit_diagnostics(failures, source, args.recipe, "text")
@@ -460,6 +684,22 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(f"ran the example inputs: output shapes {shapes}")
     except InputError as exc:
         print(f"not run: {exc}")
+    except Exception as exc:  # the rebuilt model itself fails: say so, never a traceback
+        from surgery.diagnostics import Diagnostic, first_line
+
+        raise UserError(
+            [
+                Diagnostic(
+                    code="S0311",
+                    message=f"the model rebuilt from `{args.directory}` does not run on its "
+                    f"example inputs: {first_line(exc)}",
+                    help="its saved architecture no longer matches its weights; apply the "
+                    "recipe again to write a new output",
+                )
+            ],
+            None,
+            args.directory,
+        ) from exc
     return EXIT_OK
 
 
@@ -571,6 +811,20 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="cap every `heal` at N steps (a quick trial run of a recipe)",
         )
+        p.add_argument(
+            "--metric",
+            action="append",
+            metavar="MODULE:FUNCTION",
+            help='allow the recipe\'s `expect metric "MODULE:FUNCTION"` to import and call '
+            "that function (repeatable; the working directory may hold the module)",
+        )
+        p.add_argument(
+            "--parallel",
+            choices=("ddp", "fsdp2"),
+            default=None,
+            help="under torchrun: heal replicated (ddp, the default) or sharded per block "
+            "(fsdp2); only rank 0 prints and writes OUT",
+        )
 
     p = sub.add_parser(
         "plan",
@@ -589,6 +843,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-measure", action="store_true", help="skip timing")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue healing from the checkpoints a killed run left in OUT.partial/ (the "
+        "recipe's `heal … checkpoint every N steps`)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read a Hugging Face model layer by layer from its safetensors shards and write "
+        "OUT as it goes, for a model larger than memory (per-layer statements only: decompose "
+        "with a fraction, absolute or energy rank and method svd/tucker, split); drift and "
+        "speed are not measured",
+    )
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser(
@@ -645,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emit_diagnostics(
             exc.diagnostics, exc.source, exc.filename, getattr(args, "format", "text")
         )
-        return EXIT_USER
+        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

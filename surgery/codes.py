@@ -33,6 +33,8 @@ CODES: dict[str, str] = {
     # --- S00xx: the command line and the recipe file ------------------------------------------
     "S0001": "the recipe file cannot be read (missing, a directory, or not UTF-8)",
     "S0002": "a `--target` option is not of the form `BACKEND[:DEVICE]`",
+    "S0003": "a `--metric` option cannot be imported",
+    "S0004": "`--parallel` outside a torchrun launch, or the process group cannot be joined",
     # --- S01xx: syntax (surgery.parse) --------------------------------------------------------
     "S0101": "unknown statement",
     "S0102": "unknown word in a statement (a misspelt keyword or option)",
@@ -56,6 +58,7 @@ CODES: dict[str, str] = {
     "S0301": "a selector matched no module of the model (an error with `--strict`)",
     "S0302": "the model could only be analysed in part (e.g. it could not be traced)",
     "S0303": "`heal steps` capped by `--max-heal-steps`",
+    "S0304": "drift measured on the calibration rows data-aware steps were fitted to",
     # --- S031x: loading the model (surgery.cli); `group` --------------------------------------
     "S0310": "the model cannot be loaded",
     "S0311": "a saved surgery output cannot be loaded (`surgery load`)",
@@ -75,18 +78,32 @@ CODES: dict[str, str] = {
     "S0340": "`truncate` found no repeated transformer blocks",
     "S0341": "`truncate keep` count out of range for the model",
     "S0342": "`truncate` block index out of range for the model",
+    "S0343": "`truncate` does not know which config key counts the blocks (the output would "
+    "not load)",
     # --- S035x: the operating system refused a file operation (surgery.cli) -------------------
     "S0350": "the output cannot be written (disk full, read-only, no permission)",
     "S0351": "the system refused a file operation",
     # --- S036x: `split` (warnings: the layer is left as it is) --------------------------------
     "S0360": "`split` skips a Conv3d whose padding cannot be made explicit",
     "S0361": "`split (2+1)d` skips a grouped Conv3d",
+    # --- S037x: healing data and checkpoints (surgery.manager) --------------------------------
+    "S0370": "`heal` training or held-out data cannot be read, is empty, lacks the named field "
+    "or labels, or does not suit the model",
+    "S0371": "`--resume` found a checkpoint of another recipe or model, or an unreadable one",
+    # --- S038x: streamed surgery (surgery.stream) ----------------------------------------------
+    "S0380": "`apply --stream` refuses a statement that needs the whole model (data-aware, "
+    "non-local or training)",
+    "S0381": "the model cannot be streamed (not a safetensors Hugging Face directory, weights "
+    "named otherwise, or it does not run on the meta device)",
+    "S0382": "a streamed run measured no drift or speed",
     # --- S04xx: apply (surgery.manager, surgery.passes) ---------------------------------------
     "S0401": "a statement cannot be carried out on this model; the model is left unchanged",
     "S0402": "after a statement the model no longer runs",
     "S0403": "a statement changed the model's output shapes",
     "S0404": "after a statement the model outputs NaN or infinity",
     "S0410": "a module the plan chose is no longer what it was (an earlier statement changed it)",
-    # --- S05xx: contracts (surgery.cli) -------------------------------------------------------
+    # --- S05xx: contracts (surgery.cli; `rank = auto` in surgery.passes.decompose) ----------
     "S0501": "a contract (`expect`) is not met",
+    "S0502": "no choice of ranks (`rank = auto`, `budget latency`) can meet a contract or the "
+    "budget",
 }

@@ -1,10 +1,14 @@
 """Contracts: an ``expect`` statement measured against what a run produced.
 
-``expect params|flops|drift|speedup OP VALUE [on BACKEND]``. Parameters and FLOPs are counted
-(``50%`` is relative to the original), drift is the run's relative output error, and a speedup
-is *measured*: on the named backend's targets (the slowest of them, so the contract holds on
-every target it names), or torch's own interleaved timing when no torch target ran. A contract
-whose quantity was not measured is "not measured" (``held`` None), never "met".
+``expect METRIC OP VALUE [on BACKEND | on "DATA"]``. Parameters and FLOPs are counted (``50%``
+is relative to the original), a speedup is *measured*: on the named backend's targets (the
+slowest of them, so the contract holds on every target it names), or torch's own interleaved
+timing when no torch target ran. Drift and the task-quality metrics (``perplexity``,
+``accuracy``, ``agreement``, ``similarity``, ``neighbours``, a user ``metric``) are measured on
+data by :mod:`surgery.quality`, each with its bootstrap interval, and handed over in
+``Measured.quality``. A contract holds when its point value does; when its interval reaches
+across the bound the detail says so. A contract whose quantity was not measured is "not
+measured" (``held`` None), never "met".
 
 >>> from surgery.parse import parse
 >>> from surgery.timing import Speedup
@@ -18,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from surgery import ast
 from surgery.fmt import format_statement
 from surgery.select import compare
 from surgery.timing import Speedup
+
+if TYPE_CHECKING:
+    from surgery.quality import QualityReport
 
 __all__ = ["Contract", "Measured", "contract_value", "evaluate"]
 
@@ -60,6 +67,7 @@ class Measured(NamedTuple):
     drift: float | None
     speed: Speedup | None  # torch's own interleaved timing
     verifications: Sequence[Any]  # surgery.backends.Verification of each target
+    quality: QualityReport | None = None  # drift's interval and every metric measured on data
 
 
 def contract_value(
@@ -100,9 +108,19 @@ def evaluate(stmt: ast.Expect, run: Measured) -> Contract:
         else:
             measured = float(after)
             shown = f"{after:,}"
-    elif metric == "drift":
-        measured = float(run.drift) if run.drift is not None else float("nan")
+    elif metric == "drift" and (run.quality is None or run.quality.get(stmt) is None):
+        if run.drift is None or stmt.data is not None:
+            return Contract(stmt, text, None, None, None, "drift was not measured")
+        measured = float(run.drift)
         shown = f"{measured:.4g}"
+        if run.quality is not None and run.quality.drift_interval is not None:
+            interval = run.quality.drift_interval
+            shown += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
+    elif metric != "speedup":
+        result = run.quality.get(stmt) if run.quality is not None else None
+        if result is None:
+            return Contract(stmt, text, None, None, None, f"{metric} was not measured")
+        measured, interval, shown = result.value, result.interval, result.detail
     else:
         backend = stmt.on.value if stmt.on is not None else "torch"
         value = contract_value(run.verifications, backend)
@@ -113,4 +131,7 @@ def evaluate(stmt: ast.Expect, run: Measured) -> Contract:
             return Contract(stmt, text, None, None, None, f"speed was not measured on {backend}")
         measured, interval = value
         shown = f"{measured:.2f}× [{interval[0]:.2f}, {interval[1]:.2f}] on {backend}"
-    return Contract(stmt, text, measured, interval, compare(measured, stmt.op, target), shown)
+    held = compare(measured, stmt.op, target)
+    if interval is not None and stmt.op not in ("==", "!=") and interval[0] < target < interval[1]:
+        shown += "; the interval reaches across the bound"
+    return Contract(stmt, text, measured, interval, held, shown)

@@ -21,7 +21,14 @@
     innermost module of its ``nn_module_stack``.
   - ``coupled`` (both directions) — layers whose widths must change together:
 
-    1. *Attention*: the projections (``Linear``/``Conv1D``/``LowRankLinear``) inside one
+    1. *Attention*: the projections of one attention site. With a graph, the sites are what
+       the patterns of :mod:`surgery.patterns` match in the exported program (q/k/v
+       projections → heads → scores → softmax → weighted values → output projection, with the
+       head layout of each projection); they are kept on the graph as
+       ``graph.graph["attention"]`` (a list of :class:`~surgery.patterns.AttentionMatch`),
+       beside ``graph.graph["residual"]`` (the modules holding a residual add), and the passes
+       read them. Where export fails, the module-level rules below decide, as before: the
+       projections (``Linear``/``Conv1D``/``LowRankLinear``) inside one
        attention — the outermost module whose class name contains ``Attention`` (so HF BERT's
        ``attention.self.{query,key,value}`` and ``attention.output.dense`` form one group), or,
        for models without such class names, a module with ≥3 projection children named like
@@ -67,8 +74,17 @@ from torch import nn
 from surgery.diagnostics import first_line
 from surgery.facts import Analysis, AttentionUnit, BlockInfo, ModuleInfo
 from surgery.inputs import Inputs, flatten_outputs
+from surgery.patterns import AttentionMatch, find_attention
 
-__all__ = ["analyze", "attention_units", "edges_of_kind", "kind_view"]
+__all__ = [
+    "analyze",
+    "attention_matches",
+    "attention_units",
+    "edges_of_kind",
+    "export",
+    "kind_view",
+    "units_from_matches",
+]
 
 _PRIORITY = {"contains": 1, "data": 2, "coupled": 3}
 
@@ -249,8 +265,10 @@ def _measure(
     named: list[tuple[str, nn.Module]],
     inputs: Inputs,
     infos: dict[str, ModuleInfo],
+    count_flops: bool = True,
 ) -> int:
-    """Run once with hooks and a FLOP counter; fill shapes, calls, flops. Returns total FLOPs."""
+    """Run once with hooks and a FLOP counter; fill shapes, calls, flops. Returns total FLOPs.
+    Without ``count_flops`` only shapes and calls are recorded."""
     from torch.utils.flop_counter import FlopCounterMode
 
     handles = []
@@ -266,11 +284,16 @@ def _measure(
         handles.append(m.register_forward_hook(hook, with_kwargs=True))
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
+        if count_flops:
+            with counter:
+                inputs.call(model)
+        else:
             inputs.call(model)
     finally:
         for h in handles:
             h.remove()
+    if not count_flops:
+        return 0
     path_of = {id(m): p for p, m in named}
     for name, m in _tracker_names(model).items():
         p = path_of.get(id(m))
@@ -312,12 +335,22 @@ def _node_module(node: torch.fx.Node, known: set[str]) -> str | None:
     return best
 
 
-def _data_edges(
-    model: nn.Module, inputs: Inputs, leaves: set[str], known: set[str]
-) -> set[tuple[str, str]]:
+def export(model: nn.Module, inputs: Inputs) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, inputs, strict=False)`` without its warnings."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
+        return torch.export.export(model, tuple(inputs.args), dict(inputs.kwargs), strict=False)
+
+
+def attention_matches(model: nn.Module, inputs: Inputs) -> list[AttentionMatch]:
+    """The attention sites the patterns of `surgery.patterns` find in ``model``'s exported
+    graph on ``inputs`` (raises what ``torch.export`` raises)."""
+    return find_attention(export(model, inputs))
+
+
+def _data_edges(
+    ep: torch.export.ExportedProgram, leaves: set[str], known: set[str]
+) -> set[tuple[str, str]]:
     owner: dict[torch.fx.Node, str | None] = {}
     sources: dict[torch.fx.Node, frozenset[str]] = {}
     edges: set[tuple[str, str]] = set()
@@ -339,6 +372,37 @@ def _data_edges(
         else:
             sources[node] = frozenset(reach)
     return edges
+
+
+def _residual_modules(ep: torch.export.ExportedProgram, known: set[str]) -> set[str]:
+    """Modules holding a residual add: an ``add`` of two tensors of the output's shape (the
+    stream and a branch, or a shortcut and a branch), inside the module or its children."""
+    adds = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+
+    def stack(node: Any) -> set[str]:
+        if not isinstance(node, torch.fx.Node):
+            return set()
+        found = set()
+        for key, val in (node.meta.get("nn_module_stack") or {}).items():
+            raw = val[0] if isinstance(val, tuple) and val and isinstance(val[0], str) else str(key)
+            path = _normalize_stack_path(raw)
+            if path in known:
+                found.add(path)
+        return found
+
+    def shape(node: Any) -> Any:
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+    out: set[str] = set()
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target not in adds or len(node.args) < 2:
+            continue
+        a, b = node.args[:2]
+        if shape(a) is None or shape(a) != shape(b) or shape(a) != shape(node):
+            continue
+        out |= stack(node)
+    return out
 
 
 # --- coupling ---------------------------------------------------------------------------------
@@ -424,6 +488,39 @@ def _attention_units(
         units.append(AttentionUnit(path, tuple(inputs), tuple(outs)))
         claimed.append(path)
     order = {path: i for i, (path, _) in enumerate(named)}
+    return sorted(units, key=lambda u: order.get(u.path, -1))
+
+
+def units_from_matches(
+    matches: Iterable[AttentionMatch], named: list[tuple[str, nn.Module]]
+) -> list[AttentionUnit]:
+    """The :class:`AttentionUnit` of every attention the graph patterns found, in module
+    order: the module owning the q/k/v projections, those projections and the output one."""
+    order = {path: i for i, (path, _) in enumerate(named)}
+    modules = dict(named)
+    types = _type_names(named)
+
+    def unit(path: str) -> str:
+        # A factor of a decomposed projection (LowRankLinear's `second`, a grouped projection's
+        # `proj`) stands for the layer that holds it.
+        while "." in path:
+            parent = modules.get(path.rsplit(".", 1)[0])
+            if parent is None or not (
+                _is_projection(parent, types)
+                or isinstance(getattr(parent, "out_features", None), int)
+            ):
+                break
+            path = path.rsplit(".", 1)[0]
+        return path
+
+    units = [
+        AttentionUnit(
+            m.path,
+            tuple(dict.fromkeys(unit(p) for p in m.inputs)),
+            tuple(dict.fromkeys(unit(p) for p in m.out)),
+        )
+        for m in matches
+    ]
     return sorted(units, key=lambda u: order.get(u.path, -1))
 
 
@@ -553,11 +650,20 @@ def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = Tru
         try:
             total_flops = _measure(model, named, inputs, infos)
         except Exception as exc:  # a model that cannot run still gets its static facts
-            ran = False  # exporting would fail the same way, only more noisily
-            warn.append(
-                f"could not run {type(model).__name__} on the inputs ({first_line(exc, 200)}): "
-                "no shapes or FLOPs"
-            )
+            for info in infos.values():
+                info.calls, info.input_shapes, info.output_shapes = 0, [], []
+            try:  # the FLOP counter's module tracker fails on some models (DeBERTa-v2)
+                _measure(model, named, inputs, infos, count_flops=False)
+                warn.append(
+                    f"could not count the FLOPs of {type(model).__name__} "
+                    f"({first_line(exc, 200)}): FLOP columns are 0"
+                )
+            except Exception:
+                ran = False  # exporting would fail the same way, only more noisily
+                warn.append(
+                    f"could not run {type(model).__name__} on the inputs ({first_line(exc, 200)}): "
+                    "no shapes or FLOPs"
+                )
     g = nx.DiGraph()
     for path, _ in named:
         g.add_node(path, info=infos[path])
@@ -565,11 +671,15 @@ def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = Tru
         if "." in path:
             _add_edge(g, path.rsplit(".", 1)[0], path, "contains")
     traced = False
+    matches: list[AttentionMatch] | None = None
     if trace and inputs is not None and ran:
         leaves = {p for p, i in infos.items() if i.is_leaf}
         try:
-            data = _data_edges(model, inputs, leaves, set(infos))
+            ep = export(model, inputs)
+            data = _data_edges(ep, leaves, set(infos))
             traced = True
+            matches = find_attention(ep)
+            g.graph["residual"] = _residual_modules(ep, set(infos))
         except Exception as exc:  # untraceable models degrade to module-level facts
             data = set()
             warn.append(
@@ -578,7 +688,12 @@ def analyze(model: nn.Module, inputs: Inputs | None = None, *, trace: bool = Tru
             )
         for u, v in data:
             _add_edge(g, u, v, "data")
-    units = _attention_units(named, {b.path for b in blocks}, types)
+    if matches is not None:
+        g.graph["attention"] = matches  # what the attention patterns found in the graph
+    if matches:
+        units = units_from_matches(matches, named)
+    else:  # no graph (or no attention in it): the module-level rules
+        units = _attention_units(named, {b.path for b in blocks}, types)
     for u, v in _coupled_edges(named, blocks, infos, types, units):
         _add_edge(g, u, v, "coupled")
     return Analysis(

@@ -30,11 +30,13 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DriftRows",
     "InputError",
     "Inputs",
     "calibration_inputs",
     "example_inputs",
     "flatten_outputs",
+    "held_out_inputs",
     "prepare_inputs",
 ]
 
@@ -172,6 +174,77 @@ def _is_vision(config: Any) -> bool:
     )
 
 
+def _sub_config(config: Any, name: str) -> Any | None:
+    sub = getattr(config, name, None)
+    return sub if sub is not None and not isinstance(sub, (dict, str, int, float)) else None
+
+
+def _processor_config(loaded: Any) -> dict[str, Any]:
+    """The model directory's ``preprocessor_config.json`` (read as JSON only), or ``{}``."""
+    model_dir = getattr(loaded, "model_dir", None) if loaded is not None else None
+    if model_dir is None:
+        return {}
+    path = Path(model_dir) / "preprocessor_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+# What a model's forward is fed, by modality.
+Modality = str  # "text" | "text+pixels" | "pixels" | "features" | "waveform"
+
+
+def _modality(model: nn.Module, config: Any) -> Modality | None:
+    """Which kind of inputs ``model`` takes, from its main input and its config.
+
+    >>> from transformers import ResNetConfig, ResNetModel
+    >>> _modality(ResNetModel(ResNetConfig(hidden_sizes=[8], depths=[1])), None)
+    'pixels'
+    """
+    params = _forward_params(model)
+    main = getattr(model, "main_input_name", None)
+    if main == "input_features" or "input_features" in params:
+        return "features"
+    if main == "input_values" or "input_values" in params:
+        return "waveform"
+    if (
+        config is not None
+        and _sub_config(config, "text_config") is not None
+        and _sub_config(config, "vision_config") is not None
+        and {"input_ids", "pixel_values"} <= params
+    ):
+        return "text+pixels"
+    if config is not None and _is_text(config) and ("input_ids" in params or not params):
+        return "text"
+    if main == "pixel_values" or "pixel_values" in params:
+        return "pixels"
+    if config is not None and _is_vision(config):
+        return "pixels"
+    return None
+
+
+_SPECIAL_IDS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "unk_token_id",
+    "mask_token_id",
+    "decoder_start_token_id",
+)
+
+
+def _random_ids(config: Any, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """``(batch, length)`` token ids drawn from the vocabulary without special tokens."""
+    vocab = int(config.vocab_size)
+    special = {v for n in _SPECIAL_IDS if isinstance(v := getattr(config, n, None), int)}
+    allowed = torch.tensor([i for i in range(vocab) if i not in special] or list(range(vocab)))
+    return allowed[torch.randint(0, len(allowed), (batch, length), generator=gen)]
+
+
 def _text_inputs(
     model: nn.Module, config: Any, batch: int, seq_len: int, gen: torch.Generator
 ) -> Inputs:
@@ -179,22 +252,7 @@ def _text_inputs(
     max_pos = _int_attr(config, "max_position_embeddings", "n_positions")
     if max_pos is not None:
         seq_len = min(seq_len, max_pos)
-    special = {
-        v
-        for n in (
-            "pad_token_id",
-            "bos_token_id",
-            "eos_token_id",
-            "sep_token_id",
-            "cls_token_id",
-            "unk_token_id",
-            "mask_token_id",
-            "decoder_start_token_id",
-        )
-        if isinstance(v := getattr(config, n, None), int)
-    }
-    allowed = torch.tensor([i for i in range(vocab) if i not in special] or list(range(vocab)))
-    ids = allowed[torch.randint(0, len(allowed), (batch, seq_len), generator=gen)]  # (B, T)
+    ids = _random_ids(config, batch, seq_len, gen)  # (B, T)
     mask = torch.ones(batch, seq_len, dtype=torch.long)  # (B, T)
     if batch >= 2 and seq_len >= 2:
         # Right-pad the last sample to half its length so attention masks actually matter.
@@ -210,24 +268,185 @@ def _text_inputs(
     # would look the zeros up in its token embedding.
     if "token_type_ids" in params and _int_attr(config, "type_vocab_size"):
         kwargs["token_type_ids"] = torch.zeros(batch, seq_len, dtype=torch.long)
-    if "use_cache" in params:
-        # Decoders (GPT-2, LLaMA) would return KV-cache objects that are not tensors and break
-        # export; encoders ignore the flag, so it is passed to every model that accepts it.
-        kwargs["use_cache"] = False
     return Inputs((), kwargs)
 
 
-def _vision_inputs(model: nn.Module, config: Any, batch: int, gen: torch.Generator) -> Inputs:
-    size = config.image_size
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    c = int(config.num_channels)
-    frames = getattr(config, "num_frames", None)
-    if frames:  # video models (VideoMAE, ViViT, ...): (B, T, C, H, W)
-        shape: tuple[int, ...] = (batch, int(frames), c, h, w)
-    else:  # (B, C, H, W)
-        shape = (batch, c, h, w)
-    pixels = torch.randn(*shape, generator=gen).to(_float_dtype(model))
-    return Inputs((), {"pixel_values": pixels})
+def _image_size(config: Any, loaded: Any) -> tuple[int, int]:
+    """(height, width): the config's ``image_size``, else the image processor's, else 224."""
+    size = getattr(config, "image_size", None) if config is not None else None
+    if size is None:
+        proc = _processor_config(loaded)
+        size = proc.get("crop_size") if proc.get("do_center_crop", True) else None
+        size = size or proc.get("size")
+        if isinstance(size, dict):
+            if "height" in size and "width" in size:
+                size = (size["height"], size["width"])
+            else:
+                size = size.get("shortest_edge")
+    if isinstance(size, int) and size > 0:
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return int(size[0]), int(size[1])
+    return 224, 224
+
+
+def _pixel_shape(config: Any, loaded: Any, batch: int) -> tuple[int, ...]:
+    h, w = _image_size(config, loaded)
+    c = (_int_attr(config, "num_channels") if config is not None else None) or 3
+    frames = getattr(config, "num_frames", None) if config is not None else None
+    if isinstance(frames, int) and frames > 0:  # video models (VideoMAE, ViViT, ...)
+        return (batch, frames, c, h, w)
+    return (batch, c, h, w)
+
+
+def _vision_inputs(
+    model: nn.Module, config: Any, loaded: Any, batch: int, gen: torch.Generator
+) -> Inputs:
+    pixels = torch.randn(*_pixel_shape(config, loaded, batch), generator=gen)
+    return Inputs((), {"pixel_values": pixels.to(_float_dtype(model))})
+
+
+def _text_image_inputs(
+    model: nn.Module, config: Any, loaded: Any, batch: int, seq_len: int, gen: torch.Generator
+) -> Inputs:
+    """Token ids from ``text_config`` and pixels from ``vision_config`` (CLIP, SigLIP, ...)."""
+    text = _text_inputs(model, config.text_config, batch, seq_len, gen)
+    pixels = _vision_inputs(model, config.vision_config, loaded, batch, gen)
+    return Inputs((), {**text.kwargs, **pixels.kwargs})
+
+
+def _audio_rate(loaded: Any) -> int:
+    rate = _processor_config(loaded).get("sampling_rate")
+    return rate if isinstance(rate, int) and rate > 0 else 16000
+
+
+def _waveform_length(config: Any, frames: int) -> int:
+    """Samples a waveform encoder turns into ``frames`` frames (its conv feature encoder).
+
+    >>> from types import SimpleNamespace
+    >>> _waveform_length(SimpleNamespace(conv_kernel=(10, 3), conv_stride=(5, 2)), 32)
+    330
+    """
+    kernels = getattr(config, "conv_kernel", None)
+    strides = getattr(config, "conv_stride", None)
+    if (
+        isinstance(kernels, (tuple, list))
+        and isinstance(strides, (tuple, list))
+        and len(kernels) == len(strides) > 0
+    ):
+        field, hop = 1, 1
+        for k, s in zip(kernels, strides, strict=True):
+            field += (int(k) - 1) * hop
+            hop *= int(s)
+        return (max(1, frames) - 1) * hop + field
+    return max(1, frames) * 320  # wav2vec2's 20 ms per frame at 16 kHz
+
+
+def _waveform_inputs(
+    model: nn.Module, config: Any, batch: int, seq_len: int, gen: torch.Generator
+) -> Inputs:
+    """Normalised random waveforms (the feature extractor's zero mean, unit variance)."""
+    length = _waveform_length(config, seq_len)
+    waves = torch.randn(batch, length, generator=gen).to(_float_dtype(model))
+    return Inputs((), {"input_values": waves})
+
+
+def _feature_frames(config: Any, seq_len: int) -> int:
+    """Frames of log-mel features the encoder takes: Whisper needs exactly 2×its positions."""
+    positions = _int_attr(config, "max_source_positions")
+    if _int_attr(config, "num_mel_bins") is not None and positions is not None:
+        return 2 * positions
+    return max(1, seq_len) * 4
+
+
+def _feature_inputs(
+    model: nn.Module, config: Any, batch: int, seq_len: int, gen: torch.Generator
+) -> Inputs | None:
+    """Random log-mel features: Whisper ``(B, mel, frames)``, Speech2Text ``(B, frames, F)``."""
+    frames = _feature_frames(config, seq_len)
+    dtype = _float_dtype(model)
+    mels = _int_attr(config, "num_mel_bins")
+    if mels is not None:
+        return Inputs(
+            (), {"input_features": torch.randn(batch, mels, frames, generator=gen).to(dtype)}
+        )
+    per_channel = _int_attr(config, "input_feat_per_channel")
+    if per_channel is not None:
+        width = per_channel * (_int_attr(config, "input_channels") or 1)
+        feats = torch.randn(batch, frames, width, generator=gen).to(dtype)
+        return Inputs((), {"input_features": feats})
+    return None
+
+
+def _decoder_ids(config: Any, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``(B, T)`` decoder ids: the decoder start token, then random tokens."""
+    limit = _int_attr(config, "max_target_positions", "max_position_embeddings", "n_positions")
+    length = max(1, min(seq_len, limit) if limit is not None else seq_len)
+    ids = _random_ids(config, batch, length, gen)
+    start = _int_attr(config, "decoder_start_token_id", "bos_token_id", "pad_token_id")
+    if start is not None and 0 <= start < int(config.vocab_size):
+        ids[:, 0] = start
+    return ids
+
+
+def _shift_right(config: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced decoder ids for ``ids``: the start token, then ``ids`` without its last.
+
+    >>> from types import SimpleNamespace
+    >>> _shift_right(SimpleNamespace(decoder_start_token_id=0), torch.tensor([[5, 6, 7]]))
+    tensor([[0, 5, 6]])
+    """
+    start = _int_attr(config, "decoder_start_token_id", "bos_token_id", "pad_token_id") or 0
+    out = ids.new_full(ids.shape, start)
+    out[:, 1:] = ids[:, :-1]
+    return out
+
+
+def _model_inputs(
+    model: nn.Module, config: Any, loaded: Any, batch: int, seq_len: int, gen: torch.Generator
+) -> Inputs | None:
+    """Seeded random inputs for ``model``'s modality (None when it cannot be told)."""
+    modality = _modality(model, config)
+    ins: Inputs | None
+    if modality == "features":
+        ins = _feature_inputs(model, config, batch, seq_len, gen) if config is not None else None
+    elif modality == "waveform":
+        ins = _waveform_inputs(model, config, batch, seq_len, gen)
+    elif modality == "text+pixels":
+        ins = _text_image_inputs(model, config, loaded, batch, seq_len, gen)
+    elif modality == "text":
+        ins = _text_inputs(model, config, batch, seq_len, gen)
+    elif modality == "pixels":
+        ins = _vision_inputs(model, config, loaded, batch, gen)
+    else:
+        ins = None
+    if ins is not None:
+        _finish(model, config, ins, gen, seq_len)
+    return ins
+
+
+def _finish(model: nn.Module, config: Any, ins: Inputs, gen: torch.Generator, seq_len: int) -> None:
+    """Add what every call of ``model`` needs besides its main inputs, in place: decoder ids
+    for an encoder–decoder (teacher-forced from ``input_ids`` when there are some) and
+    ``use_cache=False``."""
+    params = _forward_params(model)
+    kwargs = ins.kwargs
+    if (
+        "decoder_input_ids" in params
+        and "decoder_input_ids" not in kwargs
+        and "decoder_inputs_embeds" not in kwargs
+        and config is not None
+        and _is_text(config)
+    ):
+        ids = kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            kwargs["decoder_input_ids"] = _shift_right(config, ids)
+        else:
+            kwargs["decoder_input_ids"] = _decoder_ids(config, ins.batch_size(), seq_len, gen)
+    if "use_cache" in params:
+        # Decoders (GPT-2, LLaMA, T5) would return KV-cache objects that are not tensors and
+        # break export; encoders ignore the flag, so it is passed to every model that accepts it.
+        kwargs["use_cache"] = False
 
 
 def _attr_inputs(model: nn.Module) -> Inputs | None:
@@ -259,8 +478,8 @@ def _attr_inputs(model: nn.Module) -> Inputs | None:
 def _no_inputs_error(model: nn.Module) -> InputError:
     return InputError(
         f"cannot derive example inputs for `{type(model).__name__}`: give inputs with "
-        "`calibrate with FILE` (a `.pt`/`.safetensors` tensor file), or define an "
-        "`example_inputs` attribute on the model"
+        "`calibrate with FILE` (a `.pt`/`.safetensors` tensor file, or text, audio or an image "
+        "folder the model takes), or define an `example_inputs` attribute on the model"
     )
 
 
@@ -268,6 +487,11 @@ def example_inputs(
     loaded_or_model: Any, *, batch: int = 2, seq_len: int = 32, seed: int = 0
 ) -> Inputs:
     """One seeded batch of inputs the model accepts.
+
+    Text models get token ids (and decoder ids when they are encoder–decoders), vision models
+    pixels (video models a clip of ``num_frames``), text–image models (CLIP) both, audio
+    encoders normalised waveforms and speech models (Whisper) log-mel features, at the shapes
+    their configs and feature extractors give.
 
     >>> from transformers import BertConfig, BertModel
     >>> m = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
@@ -282,13 +506,45 @@ def example_inputs(
         args, kwargs = saved
         return Inputs(tuple(args), dict(kwargs))
     gen = torch.Generator().manual_seed(seed)
-    if config is not None and _is_text(config):
-        return _text_inputs(model, config, batch, seq_len, gen)
-    if config is not None and _is_vision(config):
-        return _vision_inputs(model, config, batch, gen)
-    ins = _attr_inputs(model)
+    ins = _model_inputs(model, config, loaded, batch, seq_len, gen)
+    if ins is None:
+        ins = _attr_inputs(model)
+    if ins is None:
+        ins = _image_probe(model, batch, gen)
     if ins is None:
         raise _no_inputs_error(model)
+    return ins
+
+
+def _image_probe(model: nn.Module, batch: int, gen: torch.Generator) -> Inputs | None:
+    """Images for a plain CNN (a torchvision ResNet): when the first layer with weights is a
+    ``Conv2d``, a ``(B, in_channels, 224, 224)`` batch, kept only if the model runs on it.
+
+    >>> cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> tuple(example_inputs(cnn).args[0].shape)
+    (2, 3, 224, 224)
+    """
+    first = next(
+        (
+            m
+            for m in model.modules()
+            if not any(True for _ in m.children())
+            and any(True for _ in m.parameters(recurse=False))
+        ),
+        None,
+    )
+    if not isinstance(first, nn.Conv2d):
+        return None
+    pixels = torch.randn(batch, first.in_channels, 224, 224, generator=gen)
+    ins = Inputs((pixels.to(_float_dtype(model)),), {})
+    was_training = model.training
+    model.eval()  # in training mode the trial would update batch-norm statistics
+    try:
+        ins.call(model)
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
     return ins
 
 
@@ -437,9 +693,288 @@ def _tokenize(
         config is not None and _int_attr(config, "type_vocab_size")
     ):
         del kwargs["token_type_ids"]
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
     return Inputs((), kwargs)
+
+
+_MODALITY_HINT = {
+    "text": "token ids: give `.txt`/`.jsonl` text or a tensor file with `input_ids`",
+    "text+pixels": "token ids and images: give an image folder, text or a tensor file",
+    "pixels": "images: give a folder of images or a tensor file with `pixel_values`",
+    "features": "audio features: give `.wav`/`.flac` audio (a file or a folder) or a tensor "
+    "file with `input_features`",
+    "waveform": "audio: give `.wav`/`.flac` audio (a file or a folder) or a tensor file with "
+    "`input_values`",
+}
+
+
+def _misfit(what: str, path: Path, model: nn.Module, modality: Modality | None) -> InputError:
+    takes = _MODALITY_HINT.get(modality or "", "inputs that only a tensor file can give")
+    return InputError(
+        f"calibration {what} `{path}` does not fit `{type(model).__name__}`, which takes {takes}"
+    )
+
+
+def _media_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(audio files, image files) of a calibration file or folder, in name order."""
+    from surgery.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+
+    if path.is_dir():
+        try:
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        except OSError as exc:
+            raise InputError(
+                f"cannot list calibration folder `{path}`: {exc.strerror or exc}"
+            ) from exc
+    else:
+        files = [path]
+    audio = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return audio, images
+
+
+def _windows(clip: torch.Tensor, length: int) -> list[torch.Tensor]:
+    """``clip`` cut into whole windows of ``length`` samples (a shorter clip is zero-padded)."""
+    if clip.numel() <= length:
+        return [torch.nn.functional.pad(clip, (0, length - clip.numel()))]
+    return [clip[i : i + length] for i in range(0, clip.numel() - length + 1, length)]
+
+
+def _audio_windows(files: list[Path], rate: int, length: int, samples: int) -> list[torch.Tensor]:
+    from surgery.media import MediaError, read_audio, resample
+
+    found: list[torch.Tensor] = []
+    for file in files:
+        try:
+            clip, clip_rate = read_audio(file)
+        except MediaError as exc:
+            raise InputError(str(exc)) from exc
+        found += _windows(resample(clip, clip_rate, rate), length)
+        if len(found) >= samples:
+            break
+    return found[:samples]
+
+
+def _feature_extractor(model: nn.Module, config: Any, loaded: Any, path: Path) -> Any:
+    """The model's feature extractor (its directory's, else Whisper's for a Whisper config)."""
+    model_dir = getattr(loaded, "model_dir", None) if loaded is not None else None
+    try:
+        if model_dir is not None and (Path(model_dir) / "preprocessor_config.json").is_file():
+            from transformers import AutoFeatureExtractor
+
+            return AutoFeatureExtractor.from_pretrained(
+                str(model_dir), local_files_only=True, trust_remote_code=False
+            )
+        mels = _int_attr(config, "num_mel_bins") if config is not None else None
+        if mels is not None:
+            from transformers import WhisperFeatureExtractor
+
+            return WhisperFeatureExtractor(feature_size=mels)
+    except Exception as exc:
+        raise InputError(
+            f"cannot build the feature extractor for calibration audio `{path}`: "
+            f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
+        ) from exc
+    raise InputError(
+        f"calibration audio `{path}` needs the model's feature extractor "
+        "(`preprocessor_config.json` in the model directory), which `"
+        f"{type(model).__name__}` does not have: give a tensor file with `input_features`"
+    )
+
+
+def _audio_inputs(
+    files: list[Path],
+    path: Path,
+    model: nn.Module,
+    config: Any,
+    loaded: Any,
+    modality: Modality | None,
+    samples: int,
+    seq_len: int,
+) -> Inputs:
+    """Audio clips as the model takes them: normalised waveforms or log-mel features."""
+    dtype = _float_dtype(model)
+    if modality == "waveform":
+        rate = _audio_rate(loaded)
+        length = _waveform_length(config, seq_len)
+        windows = _audio_windows(files, rate, length, samples)
+        waves = torch.stack(windows)  # (N, samples)
+        if _processor_config(loaded).get("do_normalize", True):
+            mean = waves.mean(dim=1, keepdim=True)
+            var = waves.var(dim=1, keepdim=True, unbiased=False)
+            waves = (waves - mean) / torch.sqrt(var + 1e-7)
+        return Inputs((), {"input_values": waves.to(dtype)})
+    if modality != "features":
+        raise _misfit("audio", path, model, modality)
+    fe = _feature_extractor(model, config, loaded, path)
+    rate = int(getattr(fe, "sampling_rate", 16000))
+    hop = getattr(fe, "hop_length", None)
+    frames = _feature_frames(config, seq_len)
+    whisper_like = isinstance(hop, int) and hasattr(fe, "n_samples")
+    length = frames * hop if isinstance(hop, int) and whisper_like else rate * 4
+    windows = _audio_windows(files, rate, length, samples)
+    arrays = [w.numpy() for w in windows]
+    try:
+        if whisper_like:
+            enc = fe(arrays, sampling_rate=rate, return_tensors="pt", max_length=length)
+        else:
+            enc = fe(arrays, sampling_rate=rate, return_tensors="pt", padding=True)
+    except Exception as exc:
+        raise InputError(
+            f"the feature extractor cannot read calibration audio `{path}`: "
+            f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}"
+        ) from exc
+    feats = enc["input_features"]
+    if whisper_like and feats.shape[-1] != frames:  # the encoder takes exactly `frames`
+        feats = torch.nn.functional.pad(feats, (0, max(0, frames - feats.shape[-1])))
+        feats = feats[..., :frames]
+    kwargs: dict[str, Any] = {"input_features": feats.to(dtype)}
+    mask = enc.get("attention_mask")
+    if mask is not None and not whisper_like and "attention_mask" in _forward_params(model):
+        kwargs["attention_mask"] = mask
+    return Inputs((), kwargs)
+
+
+def _image_inputs(
+    files: list[Path],
+    path: Path,
+    model: nn.Module,
+    config: Any,
+    loaded: Any,
+    modality: Modality | None,
+    samples: int,
+) -> Inputs:
+    """Images resized to the model's size and normalised (its processor's mean and std, else
+    ImageNet's); a video model gets clips of ``num_frames`` consecutive images."""
+    from surgery.media import IMAGENET_MEAN, IMAGENET_STD, MediaError, read_image
+
+    if modality not in ("pixels", "text+pixels"):
+        raise _misfit("images", path, model, modality)
+    vision = config.vision_config if modality == "text+pixels" else config
+    shape = _pixel_shape(vision, loaded, 1)
+    frames = shape[1] if len(shape) == 5 else 1
+    channels, h, w = shape[-3:]
+    proc = _processor_config(loaded)
+    mean = proc.get("image_mean")
+    std = proc.get("image_std")
+    if not (isinstance(mean, list) and isinstance(std, list) and mean and std):
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    needed = samples * frames
+    if len(files) < frames:
+        raise InputError(
+            f"calibration folder `{path}` has {len(files)} image(s), but a clip of "
+            f"`{type(model).__name__}` is {frames} frames: give at least {frames} images "
+            "(consecutive images make one clip)"
+        )
+    try:
+        pics = [read_image(f, (h, w), channels, tuple(mean), tuple(std)) for f in files[:needed]]
+    except MediaError as exc:
+        raise InputError(str(exc)) from exc
+    pixels = torch.stack(pics[: len(pics) - len(pics) % frames])  # (N·T, C, H, W)
+    if len(shape) == 5:
+        pixels = pixels.reshape(-1, frames, channels, h, w)  # (N, T, C, H, W)
+    return Inputs((), {"pixel_values": pixels.to(_float_dtype(model))})
+
+
+# The inputs a file may leave out for a model that takes several (CLIP given only images).
+_MAIN_INPUTS = ("input_ids", "pixel_values", "input_features", "input_values")
+
+
+def _complete(
+    model: nn.Module, config: Any, loaded: Any, ins: Inputs, seq_len: int, seed: int
+) -> Inputs:
+    """``ins`` with the model's other main inputs drawn at random (as for the example inputs),
+    decoder ids for an encoder–decoder (teacher-forced from ``input_ids``) and
+    ``use_cache=False``. Positional inputs are taken as given."""
+    if ins.args:
+        return ins
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = dict(ins.kwargs)
+    missing = [k for k in _MAIN_INPUTS if k not in kwargs]
+    if missing and any(k in kwargs for k in _MAIN_INPUTS):
+        drawn = _model_inputs(model, config, loaded, ins.batch_size(), seq_len, gen)
+        for key in missing:
+            if drawn is not None and key in drawn.kwargs:
+                kwargs[key] = drawn.kwargs[key]
+                mask = drawn.kwargs.get("attention_mask")
+                if key == "input_ids" and mask is not None and "attention_mask" not in kwargs:
+                    kwargs["attention_mask"] = mask
+    out = Inputs((), kwargs)
+    _finish(model, config, out, gen, seq_len)
+    return out
+
+
+def _refuse_unknown_keys(model: nn.Module, ins: Inputs, path: Path) -> None:
+    """A tensor file's keyword inputs must be inputs the model's ``forward`` names: a model
+    that takes ``**kwargs`` (Hugging Face's) would otherwise drop a misnamed key silently,
+    and the run would calibrate on inputs drawn at random instead of the user's data."""
+    params = _forward_params(model)
+    named = (
+        {
+            n
+            for n, p in inspect.signature(model.forward).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        if params
+        else set()
+    )
+    unknown = sorted(k for k in ins.kwargs if named and k not in named)
+    if unknown:
+        takes = ", ".join(f"`{n}`" for n in sorted(named) if n in _MAIN_INPUTS or "mask" in n)
+        raise InputError(
+            f"calibration file `{path}` holds `{unknown[0]}`, which `{type(model).__name__}` "
+            f"does not take" + (f" (it takes {takes}, ...)" if takes else "")
+        )
+
+
+def _file_rows(
+    path: Path,
+    model: nn.Module,
+    config: Any,
+    loaded_model: Any,
+    modality: Modality | None,
+    samples: int,
+    seq_len: int,
+) -> Inputs:
+    """The rows of a calibration file or folder (at least the first ``samples`` it has)."""
+    if not (path.is_file() or path.is_dir()):
+        raise InputError(f"calibration file `{path}` does not exist")
+    suffix = "" if path.is_dir() else path.suffix.lower()
+    if suffix in (".pt", ".pth", ".safetensors"):
+        ins = _read_tensor_file(path)
+        _refuse_unknown_keys(model, ins, path)
+    elif suffix in (".txt", ".jsonl"):
+        if modality not in (None, "text", "text+pixels"):
+            raise _misfit("text", path, model, modality)
+        text_config = config.text_config if modality == "text+pixels" else config
+        max_pos = (
+            _int_attr(text_config, "max_position_embeddings", "n_positions")
+            if text_config is not None
+            else None
+        )
+        length = min(seq_len, max_pos) if max_pos is not None else seq_len
+        texts = _read_texts(path, samples, length)
+        ins = _tokenize(texts, model, text_config, loaded_model, length, path)
+    else:
+        audio, images = _media_files(path)
+        if audio and (modality in ("waveform", "features") or not images):
+            ins = _audio_inputs(
+                audio, path, model, config, loaded_model, modality, samples, seq_len
+            )
+        elif images:
+            ins = _image_inputs(images, path, model, config, loaded_model, modality, samples)
+        elif path.is_dir():
+            raise InputError(
+                f"calibration folder `{path}` holds no audio (`.wav`, `.flac`, `.ogg`) or "
+                "images (`.png`, `.jpg`, ...): give such files, or a tensor or text file"
+            )
+        else:
+            raise InputError(
+                f"calibration file `{path}` has an unsupported type `{suffix or path.name}`: "
+                "use `.pt`/`.safetensors` tensors, `.txt` (one text per line) or `.jsonl` "
+                '(objects with a "text" field), `.wav`/`.flac`/`.ogg` audio, or a folder of '
+                "images or audio clips"
+            )
+    return ins
 
 
 def calibration_inputs(
@@ -451,7 +986,17 @@ def calibration_inputs(
     seq_len: int = 64,
     seed: int = 0,
 ) -> list[Inputs]:
-    """Calibration batches: from a tensor/text file, or seeded random ones when ``source`` is None.
+    """Calibration batches from ``source``, or seeded random ones when it is None.
+
+    ``source`` is a tensor file (``.pt``/``.safetensors``: a tensor, a list or a dict of
+    model inputs), text (``.txt``/``.jsonl``, tokenized with the model's tokenizer), audio
+    (``.wav``/``.flac``/``.ogg``, one clip or a folder of clips, resampled to the feature
+    extractor's rate and cut into windows the model takes: waveforms for wav2vec2-style
+    encoders, log-mel features for Whisper) or a folder of images (resized to the model's size;
+    a video model takes consecutive images as one clip). What a file leaves out of a model's
+    inputs is completed: an encoder–decoder gets decoder ids teacher-forced from the input ids,
+    and a text–image model (CLIP) given only images or only text gets the other half drawn at
+    random, as for the example inputs.
 
     At most ``samples`` rows are used, in batches of ``batch`` (the last may be smaller).
     Inputs fixed by the model (a ``.pt2``'s saved example, an ``example_inputs`` attribute)
@@ -462,32 +1007,16 @@ def calibration_inputs(
             f"samples and batch must be positive, got samples={samples}, batch={batch}"
         )
     model, config, loaded_model = _unwrap(loaded)
+    modality = _modality(model, config)
     if source is None:
-        if (
-            config is not None
-            and (_is_text(config) or _is_vision(config))
-            and getattr(loaded_model, "example_inputs", None) is None
-        ):
+        if modality is not None and getattr(loaded_model, "example_inputs", None) is None:
             ins = example_inputs(loaded, batch=samples, seq_len=seq_len, seed=seed)
             return _split(ins, batch)
         fixed = example_inputs(loaded, seed=seed)
         return [fixed] * max(1, math.ceil(samples / max(1, fixed.batch_size())))
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"calibration file `{path}` does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".pt", ".pth", ".safetensors"):
-        ins = _read_tensor_file(path)
-    elif suffix in (".txt", ".jsonl"):
-        texts = _read_texts(path, samples, seq_len)
-        ins = _tokenize(texts, model, config, loaded_model, seq_len, path)
-    else:
-        raise InputError(
-            f"calibration file `{path}` has an unsupported type `{suffix or path.name}`: "
-            "use `.pt`/`.safetensors` tensors, `.txt` (one text per line) or `.jsonl` "
-            '(objects with a "text" field)'
-        )
+    ins = _file_rows(Path(source), model, config, loaded_model, modality, samples, seq_len)
     ins = ins.slice(0, min(samples, ins.batch_size()))
+    ins = _complete(model, config, loaded_model, ins, seq_len, seed)
     return _split(ins, batch)
 
 
@@ -514,3 +1043,115 @@ def prepare_inputs(
         source, loaded_or_model, samples=samples, batch=batch, seed=seed
     )
     return (example if example is not None else calibration[0]), calibration
+
+
+# --- drift rows -----------------------------------------------------------------------------
+
+
+@dataclass
+class DriftRows:
+    """Rows to measure a run's final drift on, and what they are.
+
+    ``fresh`` is True when no row of ``batches`` is a calibration row: data-aware steps
+    (`svd-llm`, `asvd`, `by sensitivity`, Wanda scores, `by similarity`, `heal`) fit to the
+    calibration rows, so a drift measured on those rows says little about other inputs. When
+    ``fresh`` is False, ``batches`` is empty and ``description`` says why.
+    """
+
+    batches: list[Inputs]
+    fresh: bool
+    description: str
+
+
+def _like(ins: Inputs, gen: torch.Generator) -> Inputs:
+    """Random tensors with the shapes, dtypes and value ranges of ``ins``'s tensors."""
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() or t.is_complex():
+            ref = t.detach().to(torch.float64)
+            std = float(ref.std()) if t.numel() > 1 else 1.0
+            noise = torch.randn(tuple(t.shape), generator=gen, dtype=torch.float64)
+            return (noise * (std or 1.0) + float(ref.mean())).to(t.dtype)
+        if t.dtype == torch.bool or t.numel() == 0:
+            return t.clone()
+        lo, hi = int(t.min()), int(t.max())  # ids stay in the range the example used
+        return torch.randint(lo, hi + 1, tuple(t.shape), generator=gen).to(t.dtype)
+
+    return Inputs(_map_tensors(ins.args, fn), _map_tensors(ins.kwargs, fn))
+
+
+def held_out_inputs(
+    loaded_or_model: Any,
+    source: Path | None,
+    *,
+    samples: int,
+    batch: int,
+    seed: int = 0,
+    seq_len: int = 64,
+) -> DriftRows:
+    """Rows the run's data-aware steps never saw, for its final drift (see :class:`DriftRows`).
+
+    * inputs drawn from the model (no ``calibrate`` line): ``samples`` other random rows;
+    * inputs fixed by the model (a ``.pt2``'s saved example, an ``example_inputs``
+      attribute): random rows with the example's shapes, dtypes and value ranges;
+    * a calibration file: its rows after the first ``samples`` (up to ``samples`` of them);
+      a file with no more rows gives ``fresh=False``.
+
+    >>> from transformers import BertConfig, BertModel
+    >>> model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+    ...                              num_attention_heads=2, intermediate_size=64))
+    >>> calib = calibration_inputs(None, model, samples=4, batch=2)
+    >>> rows = held_out_inputs(model, None, samples=4, batch=2)
+    >>> rows.fresh, len(rows.batches), rows.description
+    (True, 2, '2 fresh random batches (4 rows), not the calibration rows')
+    >>> bool((rows.batches[0].kwargs["input_ids"] != calib[0].kwargs["input_ids"]).any())
+    True
+    """
+    if samples <= 0 or batch <= 0:
+        raise InputError(
+            f"samples and batch must be positive, got samples={samples}, batch={batch}"
+        )
+    model, config, loaded = _unwrap(loaded_or_model)
+    other = seed + 7919  # another seed than the calibration rows'
+    if source is None:
+        modality = _modality(model, config)
+        if modality is not None and getattr(loaded, "example_inputs", None) is None:
+            ins = example_inputs(loaded_or_model, batch=samples, seq_len=seq_len, seed=other)
+            batches = _split(ins, batch)
+            return DriftRows(
+                batches,
+                True,
+                f"{len(batches)} fresh random batches ({samples} rows), not the calibration rows",
+            )
+        fixed = example_inputs(loaded_or_model, seed=seed)
+        gen = torch.Generator().manual_seed(other)
+        count = max(1, math.ceil(samples / max(1, fixed.batch_size())))
+        batches = [_like(fixed, gen) for _ in range(count)]
+        return DriftRows(
+            batches,
+            True,
+            f"{count} random batches shaped like the model's fixed example inputs (the "
+            "calibration rows are that example, repeated)",
+        )
+    path = Path(source)
+    modality = _modality(model, config)
+    rows = _file_rows(path, model, config, loaded, modality, 2 * samples, seq_len)
+    total = rows.batch_size()
+    if total <= samples:
+        return DriftRows(
+            [],
+            False,
+            f"`{path.name}` has no rows beyond the {samples} calibration rows, so drift is "
+            "measured on the rows data-aware steps were fitted to; give a file with more "
+            "rows than `samples` to measure it on held-out ones",
+        )
+    held = rows.slice(samples, min(total, 2 * samples))
+    held = _complete(model, config, loaded, held, seq_len, other)
+    batches = _split(held, batch)
+    first, last = samples + 1, samples + held.batch_size()
+    return DriftRows(
+        batches,
+        True,
+        f"{len(batches)} held-out batches (rows {first}–{last} of `{path.name}`), not the "
+        "calibration rows",
+    )

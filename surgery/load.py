@@ -371,6 +371,7 @@ def _load_export(p: Path, trust_pickle: bool = False) -> LoadedModel:
     try:
         ep = torch.export.load(str(p))
         model = torch.export.unflatten(ep)
+        _drop_symbolic_meta(model)
     except Exception as exc:
         raise _fail(
             f"could not load the exported program `{p}`: {_reason(exc)}", cause=exc
@@ -387,6 +388,40 @@ def _load_export(p: Path, trust_pickle: bool = False) -> LoadedModel:
         base={"kind": "export", "program": "base.pt2"},
         example_inputs=example,
     )
+
+
+def _symbolic(value: Any) -> bool:
+    """Whether ``value`` holds a tensor whose sizes or strides are symbolic (dynamic dims)."""
+    if isinstance(value, torch.Tensor):
+        return any(not isinstance(d, int) for d in (*value.shape, *value.stride()))
+    if isinstance(value, (tuple, list)):
+        return any(_symbolic(v) for v in value)
+    if isinstance(value, dict):
+        return any(_symbolic(v) for v in value.values())
+    return False
+
+
+def _drop_symbolic_meta(model: nn.Module) -> None:
+    """Remove fake tensors with symbolic sizes from the graphs of an unflattened program.
+
+    A program exported with a dynamic dimension keeps, in each node's ``meta["val"]``, a fake
+    tensor of symbolic shape. Nothing runs on it (the unflattened modules are interpreted), but
+    ``copy.deepcopy`` of the module then fails with "Cannot call numel() on tensor with
+    symbolic sizes", and the tool copies the model before it changes it. Static fake tensors
+    stay.
+    """
+    for module in model.modules():
+        graphs = [getattr(module, "graph", None)]
+        inner = getattr(module, "graph_module", None)
+        if isinstance(inner, torch.fx.GraphModule):
+            graphs.append(inner.graph)
+        for graph in graphs:
+            if not isinstance(graph, torch.fx.Graph):
+                continue
+            for node in graph.nodes:
+                for key in ("val", "example_value"):
+                    if key in node.meta and _symbolic(node.meta[key]):
+                        del node.meta[key]
 
 
 # --- state dicts and pickles ----------------------------------------------------------------
@@ -441,7 +476,37 @@ def _load_pickle(p: Path) -> LoadedModel:
         raise _fail(f"could not unpickle `{p}`: {_reason(exc)}", cause=exc) from exc
     if not isinstance(obj, nn.Module):
         raise ModelLoadError(f"`{p}` unpickles to a `{type(obj).__name__}`, not a torch module")
-    return LoadedModel(model=obj, kind="pickle", source=p, base={"kind": "pickle"})
+    config = _hf_config_of(obj)
+    if config is not None:
+        # A pickled transformers model is rebuilt from its class and config, like a model
+        # directory: its output then loads without unpickling anything.
+        base = {"kind": "hf", "config": _jsonable(config.to_dict()), "class": type(obj).__name__}
+        return LoadedModel(model=obj, kind="pickle", source=p, base=base, config=config)
+    return LoadedModel(
+        model=obj, kind="pickle", source=p, base={"kind": "pickle", "file": _PICKLED_BASE}
+    )
+
+
+# The name under which an output keeps a copy of the pickled module it was made from.
+_PICKLED_BASE = "base.pt"
+
+
+def _hf_config_of(module: nn.Module) -> Any | None:
+    """The config of a transformers model whose class transformers itself exports, else None."""
+    import sys
+
+    transformers = sys.modules.get("transformers")  # unpickling such a model imported it
+    if transformers is None:
+        return None
+    cls = getattr(transformers, type(module).__name__, None)
+    config = getattr(module, "config", None)
+    if (
+        cls is type(module)
+        and issubclass(cls, transformers.PreTrainedModel)
+        and isinstance(config, transformers.PretrainedConfig)
+    ):
+        return config
+    return None
 
 
 def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -582,10 +647,7 @@ def rebuild_base(
     if kind == "export":
         return _rebuild_export(base, directory, trust_pickle)
     if kind == "pickle":
-        raise ModelLoadError(
-            "the base model was a pickled module, which cannot be rebuilt without unpickling",
-            help="load the original `.pt` with `--trust-pickle`, or save it as a state dict with `--arch`",
-        )
+        return _rebuild_pickle(base, directory, trust_pickle)
     raise ModelLoadError(f"`{directory}` names an unknown base model kind `{_shown(kind)}`")
 
 
@@ -616,14 +678,8 @@ def _rebuild_factory(
 
 
 def _rebuild_export(base: dict[str, Any], directory: Path, trust_pickle: bool) -> nn.Module:
-    name = base.get("program", "base.pt2")
-    # The program is a file of the output itself: a plain name, never a path elsewhere.
-    if not isinstance(name, str) or not name or name in (".", "..") or re.search(r"[/\\]", name):
-        raise ModelLoadError(
-            f"`{directory}` names its base program `{_shown(name)}`, which is not a file name "
-            "inside the directory"
-        )
-    prog = Path(directory) / name
+    prog = _base_file(base, "program", "base.pt2", directory)
+    name = prog.name
     if not trust_pickle:
         raise ModelLoadError(
             f"`{directory}` was built from a `torch.export` program (`{_shown(name)}`), and "
@@ -637,9 +693,61 @@ def _rebuild_export(base: dict[str, Any], directory: Path, trust_pickle: bool) -
     if prog.is_symlink() or not prog.is_file():
         raise ModelLoadError(f"the base program `{prog}` is missing (or not a regular file)")
     try:
-        return torch.export.unflatten(torch.export.load(str(prog))).eval()
+        ep = torch.export.load(str(prog))
+        model = torch.export.unflatten(ep)
+        _drop_symbolic_meta(model)
     except Exception as exc:
         raise _fail(f"could not load the base program `{prog}`: {_reason(exc)}", cause=exc) from exc
+    saved = getattr(ep, "example_inputs", None)
+    if saved is not None:  # what `surgery load` runs the rebuilt model on (`inputs._attr_inputs`)
+        args, kwargs = saved
+        model.example_inputs = (tuple(args), dict(kwargs))  # type: ignore[assignment]
+    return model.eval()
+
+
+def _base_file(base: dict[str, Any], key: str, default: str | None, directory: Path) -> Path:
+    """The file ``base[key]`` names inside ``directory``: a plain name, never a path elsewhere."""
+    name = base.get(key, default)
+    if not isinstance(name, str) or not name or name in (".", "..") or re.search(r"[/\\]", name):
+        raise ModelLoadError(
+            f"`{directory}` names its base model file `{_shown(name)}`, which is not a file name "
+            "inside the directory"
+        )
+    return Path(directory) / name
+
+
+def _rebuild_pickle(base: dict[str, Any], directory: Path, trust_pickle: bool) -> nn.Module:
+    if "file" not in base:  # written before outputs kept a copy of the pickled module
+        raise ModelLoadError(
+            f"`{directory}` was made from a pickled module and holds no copy of it, so its "
+            "architecture cannot be rebuilt",
+            help="apply the recipe again to write a complete output, or give the model as a "
+            "state dict with `--arch module:factory`",
+        )
+    path = _base_file(base, "file", None, directory)
+    if not trust_pickle:
+        raise ModelLoadError(
+            f"`{directory}` was made from a pickled module (`{path.name}`), and rebuilding it "
+            "unpickles that copy, which runs code from the file, so it is not loaded without "
+            "`--trust-pickle`",
+            help=(
+                "pass `--trust-pickle` (API: `trust_pickle=True`) only for an output you made "
+                "yourself from a model you trust"
+            ),
+        )
+    if path.is_symlink() or not path.is_file():
+        raise ModelLoadError(f"the base model `{path}` is missing (or not a regular file)")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise _fail(
+            f"could not unpickle the base model `{path}`: {_reason(exc)}", cause=exc
+        ) from exc
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(
+            f"the base model `{path}` unpickles to a `{type(obj).__name__}`, not a torch module"
+        )
+    return obj.eval()
 
 
 def _rebuild_hf(base: dict[str, Any], directory: Path) -> nn.Module:
@@ -687,6 +795,8 @@ def save_base_files(loaded: LoadedModel, directory: Path) -> list[Path]:
     skipped: list[Path] = []
     if loaded.kind == "export":
         _copy(loaded.source, directory / "base.pt2")
+    elif loaded.kind == "pickle" and loaded.base.get("kind") == "pickle":
+        _copy(loaded.source, directory / _PICKLED_BASE)
     elif loaded.kind == "hf" and loaded.model_dir is not None:
         src = loaded.model_dir
         roots = _side_file_roots(src)

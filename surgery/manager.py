@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,7 +45,15 @@ from surgery import ast
 from surgery.contracts import Contract, Measured, evaluate
 from surgery.diagnostics import Diagnostic, first_line
 from surgery.facts import Analysis
-from surgery.inputs import InputError, Inputs, flatten_outputs, prepare_inputs
+from surgery.heal_checkpoint import CheckpointError
+from surgery.heal_data import HealDataError
+from surgery.inputs import (
+    InputError,
+    Inputs,
+    flatten_outputs,
+    held_out_inputs,
+    prepare_inputs,
+)
 from surgery.load import LoadedModel
 from surgery.metrics import drift, padding_mask
 from surgery.passes import (
@@ -57,8 +65,10 @@ from surgery.passes import (
     TrainingHook,
     pass_for,
 )
+from surgery.passes.auto_rank import Margins, measured_for, refine
 from surgery.program import HealStep, TargetSpec, lower
-from surgery.select import nearest_paths
+from surgery.quality import QualityError, QualityReport, UserMetric, measure_quality
+from surgery.select import no_match_help
 from surgery.support import RUN_VERBS
 from surgery.timing import LayerTimer, Speedup, measure_speedup
 
@@ -106,12 +116,15 @@ class Run:
     after: Analysis
     steps: list[Step] = field(default_factory=list)
     warnings: list[Diagnostic] = field(default_factory=list)
-    drift: float | None = None  # on the calibration inputs
+    drift: float | None = None  # on `drift_rows`
+    drift_rows: str = ""  # which rows the final drift was measured on (inputs.DriftRows)
     speed: Speedup | None = None
     contracts: list[Contract] = field(default_factory=list)
     family: list[Member] = field(default_factory=list)
     heals: list[Any] = field(default_factory=list)  # surgery.heal.HealReport of each `heal`
     verifications: list[Any] = field(default_factory=list)  # surgery.backends.Verification
+    # drift's bootstrap interval and every contract measured on data (surgery.quality)
+    quality: QualityReport | None = None
 
     @property
     def changes(self) -> list[Change]:
@@ -145,6 +158,25 @@ class Run:
         return [c for c in self.contracts if c.held is False]
 
 
+#: Reruns of a recipe whose `rank = auto` search missed, when measured, a contract it aimed at.
+AUTO_RETRIES = 2
+
+
+def _auto_margins(run: Run) -> Margins | None:
+    """The tightest margins :func:`~surgery.passes.auto_rank.refine` asks for after ``run``
+    (None: every `rank = auto` search met what it aimed at, or there is none)."""
+    found: Margins | None = None
+    for step in run.steps:
+        margins = refine(step.plan, *measured_for(step.plan, run.contracts))
+        if margins is not None:
+            found = (
+                margins
+                if found is None
+                else Margins(max(found.speedup, margins.speedup), min(found.drift, margins.drift))
+            )
+    return found
+
+
 @dataclass
 class _State:
     """The model as the run goes, with what later steps need to know about it."""
@@ -167,6 +199,11 @@ class Manager:
         progress: Progress | None = None,
         seed: int = 0,
         max_heal_steps: int | None = None,
+        checkpoint_dir: Path | None = None,
+        resume: bool = False,
+        parallel: Any = None,
+        metrics: Mapping[str, UserMetric] | None = None,
+        trust_code: bool = False,
     ) -> None:
         self.recipe = recipe
         self.program = lower(recipe)
@@ -177,8 +214,23 @@ class Manager:
         self.progress = progress
         self.seed = seed
         self.max_heal_steps = max_heal_steps  # a cap for quick trial runs of a recipe
+        # Healing: where checkpoints go (`heal-<n>/` below it; None: none are written),
+        # whether to continue from them, and the data-parallel runner (surgery.heal.Parallel;
+        # None: one process).
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
+        self.parallel = parallel
+        # User metrics (`expect metric "module:function"`) the caller allows, by that name;
+        # with `trust_code` any a recipe names is imported.
+        self.metrics = metrics
+        self.trust_code = trust_code
+        self._heal_data: dict[int, Any] = {}  # id of a `heal` statement -> its TrainingData
+        self._heals_run = 0
         self.extra_targets: list[TargetSpec] = []  # e.g. from --target
         self._timer: LayerTimer | None = None
+        # How much tighter than the contracts the `rank = auto` search aims (raised after a
+        # measured miss, see `run`).
+        self.margins = Margins()
         self._probe: tuple[Inputs, Any] = (Inputs(), None)  # set by run(): (batch, outputs)
 
     # --- inputs -------------------------------------------------------------------------
@@ -186,14 +238,21 @@ class Manager:
     def _source(self) -> Any:
         return self.loaded if self.loaded is not None else self.model
 
+    def _calibration_path(self) -> Path | None:
+        spec = self.program.calibration
+        if spec.source is None:
+            return None
+        path = Path(spec.source)
+        return path if path.is_absolute() else self.recipe_dir / path
+
     def _inputs(self) -> tuple[Inputs, list[Inputs]]:
         spec = self.program.calibration
-        source = None
-        if spec.source is not None:
-            path = Path(spec.source)
-            source = path if path.is_absolute() else self.recipe_dir / path
         return prepare_inputs(
-            self._source(), source, samples=spec.samples, batch=spec.batch, seed=self.seed
+            self._source(),
+            self._calibration_path(),
+            samples=spec.samples,
+            batch=spec.batch,
+            seed=self.seed,
         )
 
     def _emit(self, what: str, done: int, total: int) -> None:
@@ -213,6 +272,38 @@ class Manager:
     ) -> Run:
         """Run every statement; measure drift, and speed when ``measure``; check contracts.
 
+        A ``rank = auto`` search whose measured result misses a contract it aimed at is run
+        again (the whole recipe, at most :data:`AUTO_RETRIES` times) with targets tightened by
+        :func:`surgery.passes.auto_rank.refine`; a retry whose targets no ranks can meet
+        keeps the run before it.
+        """
+        self.margins = Margins()
+        kwargs: dict[str, Any] = dict(
+            measure=measure, warmup=warmup, repeats=repeats, targets=targets, workdir=workdir
+        )
+        run = self._run_once(**kwargs)
+        for _ in range(AUTO_RETRIES if measure else 0):
+            margins = _auto_margins(run)
+            if margins is None:
+                break
+            self.margins = margins
+            try:
+                run = self._run_once(**kwargs)
+            except PassError:
+                break
+        return run
+
+    def _run_once(
+        self,
+        *,
+        measure: bool = True,
+        warmup: int = 3,
+        repeats: int = 20,
+        targets: list[tuple[str, str | None, int | None]] | None = None,
+        workdir: Path | None = None,
+    ) -> Run:
+        """One run of every statement (see :meth:`run`).
+
         With ``measure``, the recipe's ``target`` statements (plus ``targets``) are lowered,
         checked and timed by `surgery.backends`, with artifacts under ``workdir``.
         """
@@ -222,6 +313,17 @@ class Manager:
         self._timer = None  # built on first use from this run's first target
         self._emit("preparing inputs", 0, 1)
         example, calibration = self._inputs()
+        # Drift (after each step and at the end) is measured on rows no data-aware step fits
+        # to (svd-llm, asvd, sensitivity, Wanda, similarity and heal all see the calibration
+        # rows); when the calibration file has none left, on the calibration rows, saying so.
+        spec = self.program.calibration
+        rows = held_out_inputs(
+            self._source(),
+            self._calibration_path(),
+            samples=spec.samples,
+            batch=spec.batch,
+            seed=self.seed,
+        )
         original = self.model
         was_training = original.training
         original.eval()
@@ -237,7 +339,7 @@ class Manager:
         ref_shapes = [tuple(t.shape) for t in flatten_outputs(reference)]
         # Drift after each step is measured on real data when there is some: the first
         # calibration batch (the example inputs are random token ids or pixels).
-        probe = calibration[0] if calibration else example
+        probe = rows.batches[0] if rows.fresh else calibration[0] if calibration else example
         try:
             self._probe = (probe, probe.call(original))
         except Exception as exc:  # tensors of the wrong shape or dtype for this model
@@ -248,6 +350,10 @@ class Manager:
                 "the batch first"
             ) from exc
 
+        # Training data is read and checked before any pass runs: bad data is an error at the
+        # recipe's string, before minutes of surgery and healing.
+        self._load_heal_data(original)
+        self._heals_run = 0
         model = copy.deepcopy(original)
         run = Run(
             recipe=self.recipe,
@@ -297,13 +403,25 @@ class Manager:
         run.after = analysis if run.steps else before
         model.eval()  # measured and saved in inference mode; the original gets its mode back
 
-        self._emit("measuring drift", 0, len(calibration))
+        measured_on = rows.batches if rows.fresh else calibration
+        run.drift_rows = (
+            rows.description
+            if rows.fresh
+            else f"the {len(calibration)} calibration batches data-aware steps were fitted to"
+        )
+        if not rows.fresh:
+            run.warnings.append(
+                Diagnostic(code="S0304", message=rows.description, severity="warning")
+            )
+        self._emit("measuring drift", 0, len(measured_on))
         refs, cands = [], []
-        for i, batch in enumerate(calibration):
+        for i, batch in enumerate(measured_on):
             refs.append(batch.call(original))
             cands.append(batch.call(model))
-            self._emit("measuring drift", i + 1, len(calibration))
-        run.drift = drift(refs, cands, [padding_mask(b) for b in calibration])
+            self._emit("measuring drift", i + 1, len(measured_on))
+        run.drift = drift(refs, cands, [padding_mask(b) for b in measured_on])
+        run.quality = self._quality(original, model, measured_on, (refs, cands))
+        del refs, cands
         if measure:
             timing_inputs = calibration[0] if calibration else example
             run.speed = measure_speedup(
@@ -338,9 +456,50 @@ class Manager:
             run.drift,
             run.speed,
             run.verifications,
+            run.quality,
         )
         run.contracts = [evaluate(s, measured) for s in self.program.contracts]
         return run
+
+    def _quality(
+        self,
+        original: nn.Module,
+        model: nn.Module,
+        calibration: list[Inputs],
+        outputs: tuple[list[Any], list[Any]],
+    ) -> QualityReport:
+        """Drift's interval and every contract measured on data (`surgery.quality`); a metric
+        that does not apply to this model or data is an error naming its `expect` line."""
+        spec = self.program.calibration
+        source = None
+        if spec.source is not None:
+            path = Path(spec.source)
+            source = path if path.is_absolute() else self.recipe_dir / path
+        try:
+            return measure_quality(
+                self.program.contracts,
+                original,
+                model,
+                calibration=calibration,
+                loaded=self._source(),
+                calibration_source=source,
+                calibration_outputs=outputs,
+                recipe_dir=self.recipe_dir,
+                metrics=self.metrics,
+                trust_code=self.trust_code,
+                seed=self.seed,
+                progress=self.progress,
+            )
+        except QualityError as exc:
+            stmt = exc.statement
+            raise PassError(
+                Diagnostic(
+                    code="S0401",
+                    message=str(exc),
+                    span=stmt.span if stmt is not None else None,
+                    help=exc.help,
+                )
+            ) from exc
 
     def _probe_drift(self, model: nn.Module) -> float:
         """Drift of ``model`` on the probe batch (see `run`)."""
@@ -364,6 +523,9 @@ class Manager:
             strict=self.strict,
             progress=self.progress,
             timer=self._layer_timer(),
+            contracts=self.program.contracts,
+            speedup_margin=self.margins.speedup,
+            drift_margin=self.margins.drift,
         )
 
     def _layer_timer(self) -> LayerTimer:
@@ -455,16 +617,107 @@ class Manager:
             )
             capped = stmt.steps.model_copy(update={"value": self.max_heal_steps})
             stmt = stmt.model_copy(update={"steps": capped})
-        report = heal(
-            state.model,
-            stmt,
-            context,
-            freeze=step.freeze,
-            hooks=list(state.hooks),
-            regularizers=step.regularizers,
-        )
+        index = self._heals_run
+        self._heals_run += 1
+        parallel = self.parallel
+        if parallel is not None and parallel.world > 1:
+            # Every rank must have built the same surgered model (same recipe, model, seed):
+            # data-parallel healing averages gradients of what must be one model.
+            try:
+                parallel.check_same(state.model)
+            except RuntimeError as exc:
+                raise PassError(
+                    Diagnostic(
+                        code="S0401",
+                        message=f"the ranks built different models before `heal`: {exc}",
+                        span=step.statement.span,
+                        help="run the same recipe, model and seed on every rank",
+                    )
+                ) from exc
+        directory = self.checkpoint_dir / f"heal-{index}" if self.checkpoint_dir else None
+        try:
+            report = heal(
+                state.model,
+                stmt,
+                context,
+                freeze=step.freeze,
+                hooks=list(state.hooks),
+                regularizers=step.regularizers,
+                data=self._heal_data.get(id(step.statement)),
+                parallel=self.parallel,
+                checkpoint_dir=directory,
+                resume=self.resume,
+                index=index,
+                contracts_hold=self._contracts_hold(step.statement),
+            )
+        except HealDataError as exc:
+            raise PassError(self._data_diagnostic(step.statement, exc)) from exc
+        except CheckpointError as exc:
+            raise PassError(
+                Diagnostic(
+                    code="S0371",
+                    message=f"cannot resume `heal`: {exc}",
+                    span=step.statement.span,
+                    help="run without `--resume` to start healing afresh",
+                )
+            ) from exc
+        if parallel is not None:
+            # FSDP2 leaves sharded parameters behind: later passes, drift and OUT need a
+            # plain module with full weights.
+            state.model = parallel.unwrap(state.model)
         run.heals.append(report)
         run.warnings.extend(context.warnings)
+
+    def _load_heal_data(self, model: nn.Module) -> None:
+        """Read and tokenise the training and held-out data of every ``heal … on "DATA"``."""
+        from surgery.heal import TrainingData
+
+        for step in self.program.steps:
+            heals = [step] if isinstance(step, HealStep) else [step.heal_between]
+            for h in heals:
+                if h is None or h.statement.on is None or id(h.statement) in self._heal_data:
+                    continue
+                self._emit(f"line {h.statement.span.line}: reading training data", 0, 1)
+                try:
+                    self._heal_data[id(h.statement)] = TrainingData.load(
+                        h.statement,
+                        model,
+                        loaded=self.loaded,
+                        base=self.recipe_dir,
+                        seed=h.statement.seed.value if h.statement.seed else self.seed,
+                    )
+                except HealDataError as exc:
+                    raise PassError(self._data_diagnostic(h.statement, exc)) from exc
+
+    @staticmethod
+    def _data_diagnostic(statement: ast.Heal, exc: Exception) -> Diagnostic:
+        """Bad training data, located at the recipe node it is about."""
+        node = getattr(statement, getattr(exc, "node", "on"), None) or statement.on or statement
+        return Diagnostic(
+            code="S0370",
+            message=str(exc),
+            span=node.span,
+            help=getattr(exc, "help", None),
+        )
+
+    def _contracts_hold(self, statement: ast.Heal) -> Callable[[float], bool] | None:
+        """What ``stop early`` asks: do the recipe's drift contracts hold at this held-out
+        drift? (Healing changes no parameter or FLOP count and no speed; contracts measured
+        on data of their own are left to the end.) None without such contracts."""
+        from surgery.select import compare
+
+        drifts = [
+            c
+            for c in self.program.contracts
+            if c.metric.value == "drift" and getattr(c, "data", None) is None
+        ]
+        if statement.stop_early is None or not drifts:
+            return None
+
+        def hold(value: float) -> bool:
+            return all(compare(value, c.op, c.value.magnitude) for c in drifts)
+
+        return hold
 
     def _check_matches(
         self, stmt: Any, plan: StepPlan, model: nn.Module, analysis: Analysis, run: Run
@@ -472,13 +725,11 @@ class Manager:
         selector = getattr(stmt, "selector", None)
         if selector is None or plan.rows:
             return
-        near = nearest_paths(model, analysis, selector)
-        listed = ", ".join(f"`{p}` ({analysis.modules[p].type})" for p in near)
         diag = Diagnostic(
             code="S0301",
             message=f"`{stmt.verb}` matched no module of this model",
             span=selector.span,
-            help=f"nearest modules: {listed}" if listed else None,
+            help=no_match_help(model, analysis, selector) or None,
             severity="error" if self.strict else "warning",
         )
         if self.strict:

@@ -75,18 +75,20 @@ class Int(Node):
 
 
 class Number(Node):
-    """A number as written: ``0.25``, ``25%``, ``1M``, ``3e-4``.
+    """A number as written: ``0.25``, ``25%``, ``1M``, ``3e-4``, ``1.10x``.
 
     ``value`` is the written number and ``unit`` its suffix; :attr:`magnitude` applies it
-    (``25%`` → 0.25, ``1M`` → 1e6).
+    (``25%`` → 0.25, ``1M`` → 1e6). ``x`` marks a ratio to the original model's value
+    (``expect perplexity <= 1.10x``); the parser accepts it only in ``expect``, and its
+    magnitude is the number itself.
     """
 
     value: float
-    unit: Literal["", "%", "K", "M", "G"] = ""
+    unit: Literal["", "%", "K", "M", "G", "x"] = ""
 
     @property
     def magnitude(self) -> float:
-        scale = {"": 1.0, "%": 0.01, "K": 1e3, "M": 1e6, "G": 1e9}[self.unit]
+        scale = {"": 1.0, "%": 0.01, "K": 1e3, "M": 1e6, "G": 1e9, "x": 1.0}[self.unit]
         return self.value * scale
 
 

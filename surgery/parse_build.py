@@ -50,8 +50,10 @@ class _Fail(Exception):
         self.diagnostic = diagnostic
 
 
-_NUMBER_RE = re.compile(r"(?P<num>-?[0-9.]+(?:[eE][-+]?[0-9]+)?)(?P<unit>[%KMG]?)")
-_UNIT_SCALE = {"": 1.0, "%": 0.01, "K": 1e3, "M": 1e6, "G": 1e9}
+_NUMBER_RE = re.compile(r"(?P<num>-?[0-9.]+(?:[eE][-+]?[0-9]+)?)(?P<unit>[%KMGx]?)")
+_UNIT_SCALE = {"": 1.0, "%": 0.01, "K": 1e3, "M": 1e6, "G": 1e9, "x": 1.0}
+# The one statement whose numbers may be ratios to the original model (`1.10x`).
+_RATIO_VERBS = frozenset({"expect"})
 
 
 # Rules whose children are keywords that carry the value (`params`, `add`, ...): kept.
@@ -134,6 +136,8 @@ class _Build:
         self.offset = offset
         self.index = index or LineIndex(source)
         self.methods = _Methods(self)
+        # Ratios (`1.1x`) built so far; a statement that takes none refuses those inside it.
+        self.ratios: list[ast.Number] = []
 
     def transform(self, tree: Tree[Token]) -> Any:
         keywords = _keyword_types()
@@ -238,7 +242,10 @@ class _Build:
                 span,
                 help="write `0` if zero is meant; the smallest number is about 5e-324",
             )
-        return ast.Number(value=value, unit=m["unit"], span=span)  # type: ignore[arg-type]
+        number = ast.Number(value=value, unit=m["unit"], span=span)  # type: ignore[arg-type]
+        if number.unit == "x":
+            self.ratios.append(number)
+        return number
 
     def int(self, meta: Any, children: list[Token]) -> ast.Int:
         tok = children[0]
@@ -374,9 +381,22 @@ class _Build:
     def statement(self, verb: Verb, meta: Any, children: list[Any]) -> Any:
         """A verb's statement: the rule's value children fill ``verb.positional`` in order,
         its options the fields they name."""
+        span = self._span(meta)
+        if self.ratios:
+            ratios = [r for r in self.ratios if r.span.start >= span.start]
+            self.ratios.clear()  # the rest belong to a statement abandoned by the fast path
+            if ratios and verb.keyword not in _RATIO_VERBS:
+                raise self._fail(
+                    "S0105",
+                    f"`{clip(self.source[ratios[0].span.start : ratios[0].span.end])}` is a "
+                    f"ratio, which `{verb.keyword}` does not take",
+                    ratios[0].span,
+                    help="a ratio to the original model (`1.10x`) only goes in an `expect` "
+                    "contract; write a plain number here",
+                )
         options = [c for c in children if isinstance(c, list)]
         values = [self._value(c) for c in children if not isinstance(c, list)]
         assert len(values) <= len(verb.positional), (verb.keyword, values)
         fields = dict(zip(verb.positional, values, strict=False))
         fields.update(self._options(verb.keyword, options))
-        return verb.node(span=self._span(meta), **fields)
+        return verb.node(span=span, **fields)

@@ -88,7 +88,46 @@ def _step_lines(step: Step) -> list[str]:
         summary += f"; drift after this step {step.drift:.4g}"
     lines.append(summary)
     lines += [f"  note: {n}" for n in plan.notes]
+    search = plan.data.get("auto")
+    if isinstance(search, dict) and search.get("frontier"):
+        lines.append(f"  frontier explored (predicted): {_frontier(search['frontier'])}")
     return lines
+
+
+def _frontier(points: list[dict[str, Any]], most: int = 12) -> str:
+    """A searched front as ``speedup×/drift`` pairs (latency share where no speedup is
+    predicted), the chosen point marked ``*``; at most ``most`` points, evenly spread.
+
+    >>> _frontier([{"speedup": 1.2, "latency": 0.8, "drift": 0.05, "chosen": False},
+    ...            {"speedup": 1.5, "latency": 0.6, "drift": 0.1, "chosen": True}])
+    '1.2×/0.05, 1.5×/0.1*'
+    """
+    step = max(1, -(-len(points) // most))
+    shown = [p for i, p in enumerate(points) if i % step == 0 or p.get("chosen")]
+    out = []
+    for p in shown:
+        speed = f"{p['speedup']:.3g}×" if p.get("speedup") else f"{p['latency']:.3g} of dense"
+        drift = f"{p['drift']:.3g}" if p.get("drift") is not None else f"err {p['error']:.3g}"
+        out.append(f"{speed}/{drift}{'*' if p.get('chosen') else ''}")
+    return ", ".join(out)
+
+
+def _drift_rows(run: Run) -> str:
+    """Which rows the run's drift was measured on (the manager's ``drift_rows``; a run built
+    otherwise measured it on its calibration batches)."""
+    rows = getattr(run, "drift_rows", "")
+    if rows:
+        return str(rows)
+    n = len(run.calibration)
+    return f"{n} calibration batch{'es' if n != 1 else ''}"
+
+
+def _drift_interval(run: Run) -> str:
+    """`` [lo, hi]`` of the run's drift (its bootstrap interval over calibration items), or
+    nothing when the run measured none (``run.quality``: :class:`surgery.quality.QualityReport`)."""
+    quality = getattr(run, "quality", None)
+    interval = getattr(quality, "drift_interval", None)
+    return f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else ""
 
 
 def summary_lines(run: Run) -> list[str]:
@@ -103,8 +142,8 @@ def summary_lines(run: Run) -> list[str]:
         lines.append(f"FLOP-ideal speedup {run.flop_speedup:.2f}× (predicted)")
     if run.drift is not None:
         lines.append(
-            f"drift   {run.drift:.4g} (relative output error on {len(run.calibration)} calibration "
-            f"batch{'es' if len(run.calibration) != 1 else ''})"
+            f"drift   {run.drift:.4g}{_drift_interval(run)} (relative output error on "
+            f"{_drift_rows(run)})"
         )
     if run.speed is not None:
         lines.append(f"measured {run.speed}")
@@ -184,7 +223,10 @@ def report_markdown(run: Run, *, recipe: str, model: str, recipe_source: str) ->
     ]
     if run.drift is not None:
         out.append(
-            f"| drift (relative output error) | | {run.drift:.4g} | measured on calibration |"
+            f"| drift (relative output error) | | {run.drift:.4g}{_drift_interval(run)} | "
+            f"measured on {_drift_rows(run)}"
+            + (" (95% bootstrap interval over items)" if _drift_interval(run) else "")
+            + " |"
         )
     if run.speed is not None:
         s = run.speed

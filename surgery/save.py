@@ -76,25 +76,46 @@ def surgery_modules(model: nn.Module) -> list[dict[str, Any]]:
     """``{"path", "class", "spec"}`` of every replacement module, parents before children.
 
     A module built from its parent's spec is not listed again; a module inside a wrapper's
-    wrapped child is (the wrapped child comes from the base architecture).
+    wrapped child is (the wrapped child comes from the base architecture), and so is a
+    replacement inside a replacement that its parent's spec would not build (a factor of a
+    low-rank layer that a later ``sparsify`` made N:M).
     """
     records: list[dict[str, Any]] = []
-    built: list[tuple[str, str | None]] = []  # (path, wrapped attribute) of recorded modules
+    built: list[tuple[str, str | None, SurgeryModule]] = []  # recorded: (path, wrapped, module)
 
-    def owned(path: str) -> bool:
-        for prefix, wrapped in built:
+    def owner(path: str) -> tuple[str, SurgeryModule] | None:
+        for prefix, wrapped, module in built:
             if path.startswith(prefix + "."):
                 inner = f"{prefix}.{wrapped}" if wrapped else None
                 if inner is None or not (path == inner or path.startswith(inner + ".")):
-                    return True
-        return False
+                    return prefix, module
+        return None
 
     for path, module in model.named_modules():
-        if not path or owned(path) or not isinstance(module, SurgeryModule):
+        if not path or not isinstance(module, SurgeryModule):
+            continue
+        found = owner(path)
+        if found is not None and _builds(found[1], path[len(found[0]) + 1 :], module):
             continue
         records.append({"path": path, "class": module.registry_name(), "spec": module.spec()})
-        built.append((path, module.wraps))
+        built.append((path, module.wraps, module))
     return records
+
+
+def _builds(parent: SurgeryModule, rel: str, module: SurgeryModule) -> bool:
+    """Whether ``parent``'s spec alone builds, at ``rel``, a module like ``module``.
+
+    The parent is rebuilt on the meta device (no memory, no initialisation cost) and its
+    child compared by class and spec; a parent that cannot be rebuilt so counts as building
+    it, as before nested replacements were recorded.
+    """
+    try:
+        with torch.device("meta"):
+            fresh = build(parent.registry_name(), parent.spec())
+        child = fresh.get_submodule(rel)
+    except Exception:
+        return True
+    return type(child) is type(module) and child.spec() == module.spec()
 
 
 def _model_dtype(model: nn.Module) -> str:
@@ -419,14 +440,17 @@ def write_run(
     ``OUT/`` holds the surgered model (``model.safetensors``, ``surgery.json``, the base
     model's side files), ``step-K/`` for each member of a progressive family (its
     ``surgery.json`` records only the changes made before that member was kept),
-    ``recipe.surg`` (the source as written; canonical text when not given), ``plan.json`` and
-    ``report.md``. ``recipe`` and ``model`` are how the plan and report name their inputs.
+    ``recipe.surg`` (the source as written; canonical text when not given), ``plan.json``,
+    ``report.md``, ``report.html`` (one self-contained page with plots) and, after healing,
+    ``heal-losses.jsonl`` / ``heal-evals.jsonl``. ``recipe`` and ``model`` are how the plan and report name their inputs.
     ``base`` describes the base architecture when the run's model was not loaded by
     :func:`surgery.load_model` (e.g. ``{"kind": "factory", "arch": "pkg.mod:factory"}``).
     """
     from surgery.fmt import format_recipe
+    from surgery.heal import write_curves
     from surgery.load import save_base_files
     from surgery.report import plan_dict, report_markdown
+    from surgery.report_html import write_report_html
 
     directory = Path(directory)
     loaded = run.loaded
@@ -452,6 +476,21 @@ def write_run(
     (directory / "recipe.surg").write_text(source, encoding="utf-8")
     (directory / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
     (directory / "report.md").write_text(report, encoding="utf-8")
+    write_curves(run.heals, directory)
+    explored = [
+        p
+        for step in run.steps
+        for p in (step.plan.data.get("auto") or {}).get("frontier", [])
+        if isinstance(p, dict)
+    ]
+    write_report_html(
+        run,
+        directory / "report.html",
+        recipe=recipe,
+        model=model,
+        recipe_source=source,
+        explored=explored or None,
+    )
     return plan
 
 
@@ -475,7 +514,7 @@ def save_run(
     >>> out = save_run(run, Path(tempfile.mkdtemp()) / "out",
     ...                base={"kind": "factory", "arch": "pkg:tiny"})
     >>> sorted(p.name for p in out.iterdir())
-    ['model.safetensors', 'plan.json', 'recipe.surg', 'report.md', 'surgery.json']
+    ['model.safetensors', 'plan.json', 'recipe.surg', 'report.html', 'report.md', 'surgery.json']
     """
     protect = [run.loaded.source] if run.loaded is not None else []
     with atomic_directory(out, force=force, protect=protect) as tmp:

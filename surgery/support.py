@@ -8,7 +8,7 @@ None when every valid value is implemented; an option missing from the map is no
 implemented. ``types`` are the module types a verb's selector may name (empty: any).
 
 >>> sorted(SUPPORT["sparsify"].options), SUPPORT["sparsify"].types
-(['m', 'n'], ('Linear',))
+(['m', 'n'], ('Linear', 'Conv1D'))
 """
 
 from __future__ import annotations

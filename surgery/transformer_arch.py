@@ -5,10 +5,13 @@ model: where are the repeated blocks, where is each block's attention and MLP, h
 query/key-value heads does an attention have, is its layer-norm placement pre- or post-residual,
 and does the model have a CLS token.
 
-*Where* the attention is, this module never decides itself: it reads the attention units of the
-dependency graph (:func:`surgery.graph.attention_units`, stored by ``analyze`` as
-``Analysis.attentions``; the passes hand over their analysis's units, other callers let them be
-found afresh). Every function that takes ``units`` builds on that one answer. What a graph cannot
+*Where* the attention is, this module never decides itself: it reads the attention sites the
+graph patterns found (:mod:`surgery.patterns`, kept by ``analyze`` on the dependency graph;
+:func:`graph_attention`, :func:`traced_analysis`), or, where the model cannot be exported, the
+attention units of the module-level rules (:func:`surgery.graph.attention_units`). Blocks and
+stages are :func:`block_stacks`: repeated modules holding residual adds, grouped into the stages
+of one stack. What a graph cannot say is kept in small tables here and in the passes (the HF
+attention classes `GroupedAttention` can stand in for, which config key counts the blocks). Every function that takes ``units`` builds on that one answer. What a graph cannot
 say is added here, from module structure alone (attribute and class names of the HF
 implementations in transformers 5.x, so it also works on models built from a config without
 running them): an attention's family and head layout, which module list holds the blocks, and
@@ -48,23 +51,31 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from surgery.facts import AttentionUnit
+from surgery.facts import Analysis, AttentionUnit
 from surgery.graph import attention_units
+from surgery.patterns import AttentionMatch
 
 __all__ = [
+    "GROUPED_ATTENTION_CLASSES",
     "AttentionSite",
     "Family",
+    "Stack",
     "Sublayer",
     "attention_of_block",
     "attention_sites",
+    "attention_sublayers",
     "block_list",
+    "block_stacks",
+    "config_of",
     "divisors",
     "find_hf_config",
     "get_module",
+    "graph_attention",
     "has_cls_token",
     "is_hf_conv1d",
     "set_module",
     "sublayers",
+    "traced_analysis",
 ]
 
 Family = Literal["separate", "qkvo", "fused", "gqa", "grouped"]
@@ -108,6 +119,60 @@ class Sublayer:
     score_in: str  # post-LN: module whose first input is x_in; pre-LN: the block
     score_out: str  # post-LN: module whose output is x_out; pre-LN: the sublayer itself
     replace: dict[str, tuple[str, bool]]  # path -> (identity mode, returns a tuple)
+
+
+# The per-family table: what a graph cannot tell. `GroupedAttention` replaces a whole attention
+# module and must take its call signature and return value, so it is used only for the HF
+# classes it was written against; every other self-attention the patterns find is grouped at
+# its projections (`surgery.modules.grouped_heads`).
+GROUPED_ATTENTION_CLASSES = frozenset(
+    {
+        "BertSelfAttention",
+        "RobertaSelfAttention",
+        "ElectraSelfAttention",
+        "XLMRobertaSelfAttention",
+        "CamembertSelfAttention",
+        "ViTAttention",
+        "DeiTAttention",
+        "GPT2Attention",
+        "GroupedAttention",
+    }
+)
+
+
+def graph_attention(
+    model: nn.Module, analysis: Analysis | None = None, example: Any = None
+) -> tuple[list[AttentionMatch] | None, str | None]:
+    """(attention sites the graph patterns find, None) or (None, why not).
+
+    Read from ``analysis`` when it was traced on this model; otherwise ``model`` is exported
+    afresh on ``example`` (or inputs derived from it). None when export fails: callers fall
+    back to the module-level rules, with the reason as a warning.
+    """
+    traced = traced_analysis(model, analysis, example)
+    if traced.traced and "attention" in traced.graph.graph:
+        return list(traced.graph.graph["attention"]), None
+    return None, (traced.warnings or ["could not trace the model"])[-1]
+
+
+def traced_analysis(
+    model: nn.Module, analysis: Analysis | None = None, example: Any = None
+) -> Analysis:
+    """``analysis`` if it holds the exported graph's facts for ``model``, else a fresh
+    :func:`~surgery.graph.analyze` with tracing on ``example`` (or inputs derived from the
+    model). Its ``traced`` says whether export worked (``warnings`` why not)."""
+    from surgery.graph import analyze
+
+    if analysis is not None and analysis.traced and "attention" in analysis.graph.graph:
+        return analysis
+    if example is None:
+        from surgery.inputs import example_inputs
+
+        try:
+            example = example_inputs(model)
+        except Exception:
+            example = None
+    return analyze(model, example) if example is not None else analyze(model, None)
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -206,6 +271,27 @@ def _site(path: str, m: Any, block: int) -> AttentionSite | None:
             int(m.head_dim),
             hidden,
             bool(getattr(m, "is_causal", True)),
+        )
+    if (
+        all(
+            isinstance(getattr(getattr(m, a, None), "out_features", None), int)
+            for a in ("q_proj", "k_proj", "v_proj")
+        )
+        and isinstance(getattr(m, "out_proj", None), lin)
+        and isinstance(getattr(m, "head_dim", None), int)
+        and type(m).__name__.startswith("CLIP")
+    ):  # CLIP: q/k/v_proj + out_proj, bidirectional in the vision tower
+        q_proj_: Any = m.q_proj  # a Linear, or a GroupedHeadsLinear after `group`
+        return AttentionSite(
+            path,
+            block,
+            "qkvo",
+            q_proj_.out_features // int(m.head_dim),
+            q_proj_.out_features // int(m.head_dim),
+            m.k_proj.out_features // int(m.head_dim),  # type: ignore[union-attr, operator]
+            int(m.head_dim),
+            q_proj_.in_features,
+            bool(getattr(m, "is_causal", False)),
         )
     if all(isinstance(getattr(m, a, None), lin) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
         head_dim = int(getattr(m, "head_dim", 0))
@@ -323,7 +409,10 @@ def has_cls_token(model: nn.Module, units: Sequence[AttentionUnit] | None = None
         return False
     if not sites or any(s.causal for s in sites):
         return False
-    if any(n.rsplit(".", 1)[-1] == "cls_token" for n, _ in model.named_parameters()):
+    if any(
+        n.rsplit(".", 1)[-1] in ("cls_token", "class_embedding")
+        for n, _ in model.named_parameters()
+    ):
         return True
     cfg = find_hf_config(model)
     if cfg is not None and (
@@ -415,6 +504,192 @@ def sublayers(
         p = f"{bpath}.{name}"
         found.append(Sublayer(i, kind, bpath, "pre", bpath, p, {p: ("zero", tuple_out)}))
     return found
+
+
+# --- stacks of repeated blocks (truncate) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One chain of repeated blocks: a single list (a transformer's layers) or the stages of a
+    hierarchical model, in forward order (Swin's ``layers.i.blocks``, a CNN's
+    ``stages.i.layers``). ``fixed`` are the positions (over the whole stack) that must stay:
+    the first block of every stage (it downsamples, and a stage cannot be empty), and a first
+    block with parameters the list's other items lack (T5's block 0, which owns the
+    relative-position bias), since the architecture is rebuilt from its config by position.
+    """
+
+    lists: tuple[str, ...]
+    sizes: tuple[int, ...]
+    fixed: frozenset[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(list index, item index) of stack position ``i``."""
+        for li, n in enumerate(self.sizes):
+            if i < n:
+                return li, i
+            i -= n
+        raise IndexError(i)
+
+
+def _param_shapes(m: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((n, tuple(p.shape)) for n, p in m.named_parameters())
+
+
+def _shape_preserving(analysis: Analysis | None, path: str) -> bool:
+    info = analysis.modules.get(path) if analysis is not None else None
+    if info is None or not info.input_shapes or not info.output_shapes:
+        return True  # not measured: nothing says otherwise
+    return info.input_shapes[0] == info.output_shapes[0]
+
+
+def block_stacks(model: nn.Module, analysis: Analysis | None = None) -> list[Stack]:
+    """The stacks of repeated blocks of ``model``.
+
+    A candidate list is a ``ModuleList``/``Sequential`` whose items are non-leaf modules of one
+    class; lists at the same place of the items of an outer list (``layers.0.blocks``,
+    ``layers.1.blocks``) are the stages of one stack. A stack is kept when it has at least two
+    blocks, every block but a list's first keeps its input's shape (recorded on the analysis
+    inputs) and, where the analysis holds the exported graph, every block holds a residual add
+    (a repeated subgraph between residual adds); of two nested stacks the inner one wins
+    (Swin's blocks, not its stages). Without a graph the outer one wins (a ResNet block, not
+    the conv layers inside it).
+    """
+    import re
+
+    lists: dict[str, list[tuple[str, nn.ModuleList | nn.Sequential]]] = {}
+    for path, m in model.named_modules():
+        if not path or not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) == 0:
+            continue
+        items = list(m)
+        if len({type(x) for x in items}) != 1 or not any(True for _ in items[0].children()):
+            continue
+        key = re.sub(r"\.\d+\.", ".*.", f".{path}.").strip(".")
+        lists.setdefault(key, []).append((path, m))
+    residual: set[str] | None = None
+    if analysis is not None and analysis.traced:
+        residual = analysis.graph.graph.get("residual")
+    stacks: list[Stack] = []
+    for group in lists.values():
+        total = sum(len(m) for _, m in group)
+        if total < 2:
+            continue
+        if residual is not None and not all(
+            f"{path}.{i}" in residual for path, m in group for i in range(len(m))
+        ):
+            continue  # a block holds a residual add
+        ok = all(
+            _shape_preserving(analysis, f"{path}.{i}")
+            for path, m in group
+            for i in range(1, len(m))
+        )
+        if not ok:
+            continue
+        fixed: set[int] = set()
+        offset = 0
+        for _, m in group:
+            names = [{n for n, _ in _param_shapes(x)} for x in m]
+            if len(group) > 1 or (len(names) > 1 and names[0] > names[1]):
+                fixed.add(offset)  # a stage's first block; a first block with more parameters
+            offset += len(m)
+        stacks.append(
+            Stack(tuple(p for p, _ in group), tuple(len(m) for _, m in group), frozenset(fixed))
+        )
+
+    def inside(a: Stack, b: Stack) -> bool:
+        return any(x.startswith(y + ".") for x in a.lists for y in b.lists)
+
+    if residual is not None:  # stages hold blocks: the innermost residual blocks win
+        return [s for s in stacks if not any(inside(o, s) for o in stacks if o is not s)]
+    # Without a graph, blocks nest lists of their own (a ResNet block's convs): the outermost.
+    return [s for s in stacks if not any(inside(s, o) for o in stacks if o is not s)]
+
+
+def config_of(model: nn.Module, path: str) -> Any | None:
+    """The HF config of the innermost module on ``path`` that has one (CLIP's text tower has
+    its own), else the model's."""
+    parts = path.split(".") if path else []
+    for n in range(len(parts), -1, -1):
+        try:
+            m = get_module(model, ".".join(parts[:n]))
+        except AttributeError:
+            continue
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            return cfg
+    return None
+
+
+def attention_sublayers(
+    model: nn.Module, analysis: Analysis | None = None, example: Any = None
+) -> tuple[list[Sublayer], str | None]:
+    """Every block's self-attention sublayer as the graph patterns find it, with how to remove
+    it; or ([], why none can be removed). Without a graph: :func:`sublayers` by module names.
+
+    The sublayer is the smallest module holding the attention's q/k/v and output projections.
+    In a BERT-style post-LN block whose attention module also holds the residual LayerNorm
+    (``attention.output.LayerNorm``) the whole module becomes the identity (``input``); an
+    attention that adds the residual itself (BLOOM's ``forward(hidden, residual, ...)``)
+    returns the residual; any other returns zeros, so the block's own residual add passes the
+    stream (in a post-LN block the block's LayerNorm still applies). Not removable: an attention
+    shared by several blocks (ALBERT); `drop` also refuses one that returns more than its output
+    and weights (T5 passes its relative-position bias on to the next blocks).
+    """
+    traced = traced_analysis(model, analysis, example)
+    matches = traced.graph.graph.get("attention") if traced.traced else None
+    if matches is None:
+        return sublayers(model, "attention", traced.attentions), None
+    selfs = [m for m in matches if not m.cross]
+    if not selfs:
+        return [], f"`{type(model).__name__}` has no self-attention"
+    shared = [m for m in selfs if m.calls > 1]
+    if shared:
+        return [], (
+            f"its blocks run one shared layer (`{shared[0].path}` is called {shared[0].calls} "
+            "times): removing its attention would remove it from every block"
+        )
+    found: list[Sublayer] = []
+    for stack in block_stacks(model, traced):
+        for i in range(stack.total):
+            li, j = stack.locate(i)
+            bpath = f"{stack.lists[li]}.{j}"
+            match = next((m for m in selfs if m.path.startswith(bpath + ".")), None)
+            if match is None:
+                continue
+            blk = get_module(model, bpath)
+            owner = _common_parent((*match.inputs, *match.out, match.path + ".x"))
+            if not owner.startswith(bpath + "."):
+                continue
+            rel = owner[len(bpath) + 1 :]
+            post = _child_path(blk, f"{rel}.output.LayerNorm")
+            if post is None and "." in rel:  # BERT: the unit's parent holds `self` and `output`
+                parent = rel.rsplit(".", 1)[0]
+                if _child_path(blk, f"{parent}.output.LayerNorm") is not None:
+                    rel, owner, post = parent, f"{bpath}.{parent}", parent
+            if post is not None:
+                found.append(
+                    Sublayer(i, "attention", bpath, "post", owner, owner, {owner: ("input", True)})
+                )
+                continue
+            mode = "residual" if "residual" in _forward_params(get_module(model, owner)) else "zero"
+            found.append(
+                Sublayer(i, "attention", bpath, "pre", bpath, owner, {owner: (mode, True)})
+            )
+    return found, None if found else "no block holds a self-attention of its own"
+
+
+def _common_parent(paths: Iterable[str]) -> str:
+    parents = [p.rsplit(".", 1)[0] if "." in p else "" for p in paths]
+    common: list[str] = []
+    for level in zip(*(p.split(".") for p in parents), strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def first_tensor(obj: Any) -> torch.Tensor:

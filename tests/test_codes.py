@@ -37,9 +37,16 @@ SHARED: dict[str, tuple[set[str], str]] = {
         "diagnostics' docstring renders one of the checker's errors as its example",
     ),
     "S0401": (
-        {"surgery/manager.py", "surgery/passes/decompose.py"},
+        {
+            "surgery/manager.py",
+            "surgery/passes/decompose.py",
+            "surgery/stream.py",
+            "surgery/fx_surgery.py",
+        },
         "a statement cannot be carried out: the manager wraps any failure of a pass, decompose "
-        "says why in its own words (no calibration inputs, no timing, an unreachable budget)",
+        "says why in its own words (no calibration inputs, no timing, an unreachable budget); "
+        "stream.py and fx_surgery.py wrap a pass failure while streaming or rewriting a graph "
+        "as the manager does",
     ),
     "S0410": (
         {

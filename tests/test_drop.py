@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -220,3 +221,49 @@ def test_save_reload_identity(factory, kind: str) -> None:
         set_module(rebuilt, c.path, build(m.registry_name(), m.spec()))
     rebuilt.load_state_dict(model.state_dict())
     assert torch.equal(out(rebuilt), ref)
+
+
+# --- every architecture (issue 16) ---------------------------------------------------------------
+
+
+def _drop_family(family: str, text: str) -> tuple[nn.Module, Inputs, Any]:
+    from surgery.inputs import example_inputs
+    from tests.helpers_models import ARCHS
+
+    model = ARCHS[family]()
+    ex = example_inputs(model)
+    p = DropPass(parse(text).statements[0], PassContext(analysis=analyze(model, ex), example=ex))
+    plan = p.plan(model)
+    return model, ex, (plan, p.apply(model, plan))
+
+
+@pytest.mark.parametrize("family", ["videomae", "distilbert", "bloom", "falcon", "clip-vision"])
+def test_dropped_attention_runs_on_every_family(family: str) -> None:
+    model, ex, (plan, changes) = _drop_family(family, "drop attention 1")
+    assert len(changes) == 1 and len(plan.rows) == 3
+    with torch.no_grad():
+        ex.call(model)
+
+
+def test_bloom_attention_that_adds_its_residual_returns_the_residual() -> None:
+    model, ex, (_, changes) = _drop_family("bloom", "drop attention 1")
+    path = changes[0].path
+    assert get_module(model, path).mode == "residual"  # type: ignore[union-attr]
+    block = get_module(model, path.rsplit(".", 1)[0])
+    seen: dict[str, torch.Tensor] = {}
+    block.self_attention.register_forward_hook(lambda _m, a, o: seen.__setitem__("o", o[0]))
+    block.self_attention.register_forward_pre_hook(lambda _m, a: seen.__setitem__("r", a[1]))
+    with torch.no_grad():
+        ex.call(model)
+    assert torch.equal(seen["o"], seen["r"])
+
+
+@pytest.mark.parametrize(
+    ("family", "why"),
+    [("albert", "shared layer"), ("t5-encoder", "relative-position bias"), ("swin", "windows")],
+)
+def test_drop_refusals_name_the_reason(family: str, why: str) -> None:
+    with pytest.raises(PassError) as err:
+        _drop_family(family, "drop attention 1")
+    d = err.value.diagnostic
+    assert d.code == "S0333" and why in d.message + " ".join(d.notes)

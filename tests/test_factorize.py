@@ -122,3 +122,28 @@ def test_save_reload(basis: int, k: int, bias: bool) -> None:
     rebuilt.load_state_dict(module.state_dict())
     x = torch.randn(3, 10, dtype=F64)
     assert torch.equal(rebuilt(x), module(x))
+
+
+def test_linear_selector_factorizes_hf_conv1d_as_its_linear() -> None:
+    """GPT-2's projections are HF ``Conv1D`` (``x @ W + b``, weight ``[in, out]``):
+    ``factorize Linear`` takes them too and gives exactly what the same map as an
+    ``nn.Linear`` gets."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(12, 16)).double()  # 16 inputs → 12 outputs
+    linear = nn.Sequential(nn.Linear(16, 12)).double()
+    with torch.no_grad():
+        linear[0].weight.copy_(conv[0].weight.t())
+        linear[0].bias.copy_(conv[0].bias)
+    stmt = parse("factorize Linear dense-sparse basis 4 nonzeros 2").statements[0]
+    plans = []
+    for model in (conv, linear):
+        p = FactorizePass(stmt)
+        plan = p.plan(model)
+        plans.append([(r.path, r.shape, r.action, r.params_after) for r in plan.rows])
+        p.apply(model, plan)
+        assert isinstance(model[0], DenseSparseLinear)
+    assert plans[0] == plans[1] == [("0", "16→12", "factorize", 12 * 4 + 2 * 16 + 12)]
+    x = torch.randn(5, 16, dtype=F64)
+    assert torch.equal(conv(x), linear(x))

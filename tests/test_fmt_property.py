@@ -20,6 +20,7 @@ from surgery.ast import strip_spans
 from surgery.check import BACKENDS, LANGUAGE
 from surgery.fmt import format_recipe, format_source, format_statement
 from surgery.parse import parse
+from surgery.verbs.expect import METRICS as EXPECT_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ S = ast.Span(start=0, end=0, line=1, col=1, end_line=1, end_col=1)
 
 OPS = [">", ">=", "<", "<=", "==", "!="]
 FIELDS = ["params", "flops", "in_features", "out_features", "kernel", "block", "speedup"]
-METRICS = ["params", "flops", "drift", "speedup"]
+METRICS = list(EXPECT_METRICS)
 UNITS = ["", "%", "K", "M", "G"]
 
 PROPERTY = settings(
@@ -146,10 +147,11 @@ decomposes = st.builds(
     round=opt(ints),
     progressive=opt(ints),
     keep_if_faster=opt(flag),
+    rank_auto=opt(flag),
     budget=opt(
         st.builds(
             ast.Budget,
-            resource=st.sampled_from(["params", "flops"]),
+            resource=st.sampled_from(["params", "flops", "latency"]),
             value=numbers,
             by=opt(names(LANGUAGE["decompose"]["budget by"])),
             span=st.just(S),
@@ -214,6 +216,10 @@ def heals(draw: st.DrawFn) -> ast.Heal:
     subset = draw(opt(numbers))
     # `by importance` is part of `subset P [by NAME]`; without a subset it cannot be written.
     by = draw(opt(names(LANGUAGE["heal"]["by"]))) if subset is not None else None
+    # `loss` is written only with its terms, and `temperature` only after `kl`.
+    mse, kl, task = draw(opt(numbers)), draw(opt(numbers)), draw(opt(numbers))
+    temperature = draw(opt(numbers)) if kl is not None else None
+    terms = (mse, kl, task)
     return ast.Heal(
         steps=draw(ints),
         lr=draw(opt(numbers)),
@@ -221,16 +227,41 @@ def heals(draw: st.DrawFn) -> ast.Heal:
         subset=subset,
         by=by,
         every=draw(opt(ints)),
+        on=draw(opt(strings)),
+        field=draw(opt(strings)),
+        label=draw(opt(strings)),
+        max_length=draw(opt(ints)),
+        batch=draw(opt(ints)),
+        eval_on=draw(opt(strings)),
+        eval_split=draw(opt(numbers)),
+        eval_every=draw(opt(ints)),
+        warmup=draw(opt(ints)),
+        accumulate=draw(opt(ints)),
+        clip=draw(opt(numbers)),
+        loss=ast.Flag(span=S) if any(t is not None for t in terms) else None,
+        mse=mse,
+        kl=kl,
+        temperature=temperature,
+        task=task,
+        checkpoint_every=draw(opt(ints)),
+        keep_best=draw(opt(flag)),
+        stop_early=draw(opt(flag)),
+        seed=draw(opt(ints)),
+        gradient_checkpointing=draw(opt(flag)),
         span=S,
     )
 
 
+# `x` (a ratio to the original) is a unit only `expect` takes.
 expects = st.builds(
     ast.Expect,
     metric=names(METRICS),
     op=st.sampled_from(OPS),
-    value=numbers,
+    value=numbers | st.builds(lambda v: ast.Number(value=v, unit="x", span=S), finite),
     on=opt(names(BACKENDS)),
+    data=opt(strings),
+    k=opt(ints),
+    function=opt(strings),
     span=st.just(S),
 )
 

@@ -318,23 +318,24 @@ def test_plan_rows_report_heads_params_and_flops() -> None:
 
 
 def test_plan_groups_the_attentions_the_dependency_graph_found() -> None:
-    from dataclasses import replace
-
+    """`group` reads the attention sites the graph patterns stored on the analysis."""
     from surgery.graph import analyze
+    from surgery.inputs import Inputs
 
     model = bert()
-    analysis = analyze(model)
+    analysis = analyze(model, Inputs((), {"input_ids": torch.tensor([[3, 4, 5]])}))
+    assert analysis.traced
+    matches = analysis.graph.graph["attention"]
     assert [u.path for u in analysis.attentions] == [s.path for s in attention_sites(model)]
-    only_last = replace(analysis, attentions=analysis.attentions[-1:])
-    plan = GroupPass(parse("group kv = 2").statements[0], PassContext(analysis=only_last)).plan(
+    assert [m.path for m in matches] == [u.path for u in analysis.attentions]
+    analysis.graph.graph["attention"] = matches[-1:]
+    plan = GroupPass(parse("group kv = 2").statements[0], PassContext(analysis=analysis)).plan(
         model
     )
-    assert [r.path for r in plan.rows] == [analysis.attentions[-1].path]
+    assert [r.path for r in plan.rows] == [matches[-1].path]
+    analysis.graph.graph["attention"] = []
     with pytest.raises(PassError) as err:
-        GroupPass(
-            parse("group kv = 2").statements[0],
-            PassContext(analysis=replace(analysis, attentions=[])),
-        ).plan(model)
+        GroupPass(parse("group kv = 2").statements[0], PassContext(analysis=analysis)).plan(model)
     assert err.value.diagnostic.code == "S0313"
 
 
@@ -372,3 +373,124 @@ def test_pairing_covers_slots_and_pooling_repeated_heads_is_identity(
     torch.testing.assert_close(
         pool_heads(repeated, h, gkv), base.reshape(gkv * d, 3), rtol=0, atol=1e-12
     )
+
+
+# --- every architecture: attention found by the graph patterns, grouped at its projections ----
+
+
+def _matches(model: nn.Module, inputs: dict) -> list:  # type: ignore[type-arg]
+    from surgery.graph import attention_matches
+    from surgery.inputs import Inputs
+
+    return attention_matches(model, Inputs((), inputs))
+
+
+def _group_at_projections(model: nn.Module, inputs: dict, q: int, kv: int) -> None:  # type: ignore[type-arg]
+    from surgery.passes.group import grouped_projection, projection_groups
+
+    for match in _matches(model, inputs):
+        for proj, g in projection_groups(match, q, kv).items():
+            new = grouped_projection(get_module(model, proj), g["members"], g["runs"])
+            set_module(model, proj, new)
+
+
+def test_projection_grouping_matches_native_llama_gqa() -> None:
+    """LLaMA's own GQA (smaller k/v_proj, config updated) and the generic rewrite, which keeps
+    the HF module and pools at the projections, compute the same function (rotary included)."""
+    ids = {
+        "input_ids": torch.randint(0, 60, (2, 7), generator=torch.Generator().manual_seed(3)),
+        "use_cache": False,
+    }
+    native, generic = llama(kv=4), llama(kv=4)
+    p = GroupPass(parse("group kv = 2").statements[0])
+    p.ensure_context(native)
+    p.apply(native, p.plan(native))
+    assert native.config.num_key_value_heads == 2
+    _group_at_projections(generic, ids, q=4, kv=2)
+    assert type(generic.model.layers[0].self_attn.k_proj).__name__ == "GroupedHeadsLinear"
+    with torch.no_grad():
+        torch.testing.assert_close(generic(**ids).logits, native(**ids).logits)
+
+
+@pytest.mark.parametrize(("gq", "gkv"), [(4, 2), (4, 1), (2, 2), (1, 1)])
+def test_projection_grouping_matches_grouped_attention_on_bert(gq: int, gkv: int) -> None:
+    """BERT grouped by `GroupedAttention` (its dedicated module) and at its projections agree."""
+    ids = {"input_ids": torch.randint(0, 60, (2, 6), generator=torch.Generator().manual_seed(4))}
+    dedicated, generic = bert(), bert()
+    text = f"group q = {gq} kv = {gkv}" if gq != H else f"group kv = {gkv}"
+    p = GroupPass(parse(text).statements[0])
+    p.ensure_context(dedicated)
+    p.apply(dedicated, p.plan(dedicated))
+    _group_at_projections(generic, ids, q=gq, kv=gkv)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            generic(**ids).last_hidden_state, dedicated(**ids).last_hidden_state
+        )
+
+
+def _neox() -> nn.Module:
+    from tests.helpers_models import arch_gpt_neox
+
+    return arch_gpt_neox().double()
+
+
+def test_fused_interleaved_qkv_grouped_heads_share_pooled_keys() -> None:
+    """GPT-NeoX fuses q/k/v head by head (``[h, 3, d]``): the layout the graph gives is used,
+    the keys of one group are equal and the mean of the original heads' keys."""
+    model = _neox()
+    ids = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "use_cache": False}
+    [m0, *_] = _matches(model, ids)
+    qkv = model.gpt_neox.layers[0].attention.query_key_value
+    w = qkv.weight.detach().clone()
+    p = GroupPass(parse("group kv = 2").statements[0])
+    p.ensure_context(model)
+    plan = p.plan(model)
+    assert [r.action for r in plan.rows] == ["group"] * 3
+    p.apply(model, plan)
+    new = model.gpt_neox.layers[0].attention.query_key_value
+    x = torch.randn(3, 32, dtype=torch.float64)
+    y, y0 = new(x), nn.functional.linear(x, w, qkv.bias)
+    k = [list(rows) for rows in m0.k.rows]  # keys of heads 0..3
+    torch.testing.assert_close(y[:, k[0]], y[:, k[1]])
+    torch.testing.assert_close(y[:, k[0]], (y0[:, k[0]] + y0[:, k[1]]) / 2)
+    q = [list(rows) for rows in m0.q.rows]
+    torch.testing.assert_close(y[:, q[0]], y0[:, q[0]])  # queries untouched
+    with torch.no_grad():
+        assert model(**ids).logits.shape == (1, 4, 96)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "bart", "bloom", "falcon", "phi3", "clip-vision"])
+def test_group_kv_heads_is_identity_on_every_family(family: str) -> None:
+    from tests.helpers_models import ARCHS
+
+    model = ARCHS[family]()
+    p = GroupPass(parse("group kv = 4").statements[0])
+    p.ensure_context(model)
+    plan = p.plan(model)
+    before = copy.deepcopy(model.state_dict())
+    assert p.apply(model, plan) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cross_attention_is_left_alone() -> None:
+    from tests.helpers_models import arch_bart
+
+    model = arch_bart()
+    p = GroupPass(parse("group kv = 2").statements[0])
+    p.ensure_context(model)
+    plan = p.plan(model)
+    cross = [r for r in plan.rows if "encoder_attn" in r.path]
+    assert cross and {r.action for r in cross} == {"skip"}
+    assert all(r.note == "cross-attention: left alone" for r in cross)
+    changes = p.apply(model, plan)
+    assert changes and not [c for c in changes if "encoder_attn" in c.path]
+
+
+def test_cnn_has_no_self_attention() -> None:
+    from tests.helpers_models import arch_convnext
+
+    model = arch_convnext()
+    p = GroupPass(parse("group kv = 2").statements[0])
+    p.ensure_context(model)
+    with pytest.raises(PassError, match="found no self-attention"):
+        p.plan(model)

@@ -214,3 +214,66 @@ def test_bad_calibration_files(
         torch.save({"a": 1}, str(path))
     with pytest.raises(InputError, match=match):
         calibration_inputs(path, tiny_bert())
+
+
+# --- rows for drift that no data-aware step fitted to (issue 16) -----------------------------
+
+
+def test_held_out_rows_from_the_model_are_fresh() -> None:
+    from surgery.inputs import held_out_inputs
+
+    model = tiny_bert()
+    calib = calibration_inputs(None, model, samples=6, batch=4)
+    rows = held_out_inputs(model, None, samples=6, batch=4)
+    assert rows.fresh and [b.batch_size() for b in rows.batches] == [4, 2]
+    assert "not the calibration rows" in rows.description
+    seen = {tuple(r.tolist()) for b in calib for r in b.kwargs["input_ids"]}
+    held = [tuple(r.tolist()) for b in rows.batches for r in b.kwargs["input_ids"]]
+    assert not seen & set(held)
+    assert rows.batches[0].call(model).last_hidden_state.shape[0] == 4
+
+
+def test_held_out_rows_of_a_fixed_example_keep_its_shape(tmp_path: Path) -> None:
+    """A `.pt2`'s calibration rows are its saved example, repeated: drift gets random rows of
+    the same shape, dtype and range instead."""
+    from surgery.inputs import held_out_inputs
+
+    x = torch.randn(5, 8) * 3 + 1
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(tiny_mlp(), (x,)), str(path))
+    loaded = load_model(path, trust_pickle=True)
+    rows = held_out_inputs(loaded, None, samples=10, batch=5)
+    assert rows.fresh and len(rows.batches) == 2
+    y = rows.batches[0].args[0]
+    assert y.shape == x.shape and y.dtype == x.dtype and not torch.equal(y, x)
+    assert abs(float(y.mean()) - 1) < 2 and 1 < float(y.std()) < 6
+    assert not torch.equal(rows.batches[0].args[0], rows.batches[1].args[0])
+    ids = torch.randint(5, 9, (4, 3))
+    fixed = LoadedModel(
+        model=tiny_mlp(), kind="export", source=path, base={}, example_inputs=((ids,), {})
+    )
+    drawn = held_out_inputs(fixed, None, samples=4, batch=4).batches[0].args[0]
+    assert drawn.dtype == torch.long and 5 <= int(drawn.min()) and int(drawn.max()) <= 8
+
+
+def test_held_out_rows_of_a_file_follow_the_calibration_rows(tmp_path: Path) -> None:
+    from surgery.inputs import held_out_inputs
+
+    data = torch.randn(10, 8)
+    path = tmp_path / "c.safetensors"
+    save_file({"x": data}, str(path))
+
+    class Kw(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    rows = held_out_inputs(Kw(), path, samples=4, batch=3)
+    assert rows.fresh and "rows 5–8 of `c.safetensors`" in rows.description
+    assert torch.equal(torch.cat([b.kwargs["x"] for b in rows.batches]), data[4:8])
+    rows = held_out_inputs(Kw(), path, samples=10, batch=3)
+    assert not rows.fresh and rows.batches == []
+    assert "no rows beyond the 10 calibration rows" in rows.description

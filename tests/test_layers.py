@@ -94,6 +94,25 @@ FORBIDDEN: dict[tuple[str, ...], tuple[str, ...]] = {
     ("surgery.manager",): ("surgery.cli", "surgery.report", "surgery.save"),
     # Contracts read what a run measured; the manager hands it to them.
     ("surgery.contracts",): ("surgery.passes", "surgery.backends", *_ABOVE_PASSES),
+    # Quality metrics, media readers, graph patterns and the torchrun engine are leaves the
+    # layers above call; they never reach up.
+    (
+        "surgery.quality",
+        "surgery.media",
+        "surgery.patterns",
+        "surgery.distributed",
+    ): ("surgery.passes", "surgery.backends", *_ABOVE_PASSES),
+    # The trainer's parts (data, losses, checkpoints, configuration) serve `surgery.heal`.
+    (
+        "surgery.heal_config",
+        "surgery.heal_data",
+        "surgery.heal_losses",
+        "surgery.heal_checkpoint",
+    ): ("surgery.passes", "surgery.backends", *_ABOVE_PASSES),
+    # Graph surgery for compilers embeds the passes; it is a library, not a run.
+    ("surgery.fx_surgery",): ("surgery.backends", *_ABOVE_PASSES),
+    # The report pages and the streamed run sit beside the CLI, never under it.
+    ("surgery.report_html", "surgery.stream"): ("surgery.cli", "surgery.backends"),
 }
 
 

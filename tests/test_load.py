@@ -178,11 +178,41 @@ def test_pickled_module_needs_trust(tmp_path: Path) -> None:
         load_model(path)
     assert err.value.help is not None and "--trust-pickle" in err.value.help
     loaded = load_model(path, trust_pickle=True)
-    assert loaded.kind == "pickle" and loaded.base == {"kind": "pickle"}
+    assert loaded.kind == "pickle" and loaded.base == {"kind": "pickle", "file": "base.pt"}
     assert type(loaded.model).__name__ == "TinyMLP" and not loaded.model.training
     assert _digest(path) == before
-    with pytest.raises(ModelLoadError, match="pickle"):
-        rebuild_base(loaded.base, tmp_path)
+    out = tmp_path / "out"
+    save_base_files(loaded, out)  # an output keeps a copy of the pickled module ...
+    assert _digest(out / "base.pt") == before
+    with pytest.raises(ModelLoadError, match="--trust-pickle"):  # ... unpickled only on request
+        rebuild_base(loaded.base, out)
+    assert type(rebuild_base(loaded.base, out, trust_pickle=True)).__name__ == "TinyMLP"
+
+
+def test_pickled_hf_model_is_rebuilt_from_its_config(tmp_path: Path) -> None:
+    """A pickled transformers model needs no pickle to rebuild: its class and config do."""
+    path = tmp_path / "gpt2.pt"
+    torch.save(tiny_gpt2(), str(path))
+    loaded = load_model(path, trust_pickle=True)
+    assert loaded.kind == "pickle" and loaded.base["kind"] == "hf"
+    assert loaded.base["class"] == "GPT2LMHeadModel" and loaded.config is not None
+    out = tmp_path / "out"
+    save_base_files(loaded, out)
+    assert not (out / "base.pt").exists()
+    assert type(rebuild_base(loaded.base, out)).__name__ == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize(
+    ("base", "match"),
+    [
+        ({"kind": "pickle"}, "holds no copy of it"),
+        ({"kind": "pickle", "file": "../elsewhere.pt"}, "not a file name inside"),
+        ({"kind": "pickle", "file": "base.pt"}, "missing"),
+    ],
+)
+def test_pickled_base_records_are_checked(tmp_path: Path, base: dict[str, Any], match: str) -> None:
+    with pytest.raises(ModelLoadError, match=match):
+        rebuild_base(base, tmp_path, trust_pickle=True)
 
 
 def test_missing_path(tmp_path: Path) -> None:
@@ -387,3 +417,105 @@ def test_bad_dtype_message_names_the_value(tmp_path: Path) -> None:
 def test_arch_is_refused_for_a_base_that_is_not_a_factory(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="only to an output built from a user factory"):
         rebuild_base({"kind": "hf", "class": "BertModel", "config": {}}, tmp_path, arch=ARCH)
+
+
+# --- outputs of every input format reload (issue 16) -----------------------------------------
+
+
+def _apply(tmp_path: Path, model: Path, text: str, *flags: str) -> tuple[int, Path]:
+    from surgery.cli import main
+
+    recipe = tmp_path / "r.surg"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    code = main(["apply", str(recipe), str(model), "-o", str(out), "--no-measure", "-q", *flags])
+    return code, out
+
+
+def test_pickled_module_output_loads_with_trust_pickle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from surgery.cli import main
+    from surgery.save import load
+
+    path = tmp_path / "whole.pt"
+    torch.manual_seed(0)
+    torch.save(tiny_mlp(), str(path))
+    code, out = _apply(tmp_path, path, "decompose Linear rank = 0.5\n", "--trust-pickle")
+    assert code == 0
+    assert (out / "base.pt").is_file()
+    capsys.readouterr()
+    assert main(["load", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "S0311" in err and "--trust-pickle" in err and "Traceback" not in err
+    assert main(["load", str(out), "--trust-pickle"]) == 0
+    assert "ran the example inputs" in capsys.readouterr().out
+    rebuilt = load(out, trust_pickle=True)
+    assert any(type(m).__name__ == "LowRankLinear" for m in rebuilt.modules())
+
+
+def test_dynamic_batch_pt2_applies_and_reloads(tmp_path: Path) -> None:
+    """A program exported with a dynamic batch dimension (its graphs hold fake tensors of
+    symbolic size, which `copy.deepcopy` cannot copy) is surgered, saved and reloaded."""
+    from surgery.cli import main
+    from surgery.save import load
+
+    torch.manual_seed(0)
+    model = tiny_mlp().eval()
+    x = torch.randn(4, 8)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    path = tmp_path / "dyn.pt2"
+    torch.export.save(program, str(path))
+    code, out = _apply(tmp_path, path, "decompose Linear rank = 0.5\n", "--trust-pickle")
+    assert code == 0
+    assert main(["load", str(out), "--trust-pickle"]) == 0
+    rebuilt = load(out, trust_pickle=True)
+    assert rebuilt(torch.randn(7, 8)).shape == (7, 4)  # still any batch size
+
+
+def test_nested_replacement_is_recorded_and_reloads(tmp_path: Path) -> None:
+    """`sparsify` on the factors of a `decompose`d layer: the N:M factors are recorded inside
+    the low-rank module, and the output reloads to the same outputs."""
+    from surgery.manager import Manager
+    from surgery.modules import LowRankLinear
+    from surgery.modules.sparse import SparseLinear
+    from surgery.parse import parse
+    from surgery.save import load, save_run, surgery_modules
+
+    torch.manual_seed(0)
+    d = tmp_path / "bert"
+    tiny_bert().save_pretrained(d, safe_serialization=True)
+    recipe = parse(
+        'decompose Linear where name ~ "*.intermediate.dense" rank = 0.5\n'
+        'sparsify Linear where name ~ "*.intermediate.dense.*" 2:4\n'
+    )
+    run = Manager(recipe, load_model(d)).run(measure=False)
+    layer = run.model.get_submodule("encoder.layer.0.intermediate.dense")
+    assert isinstance(layer, LowRankLinear) and isinstance(layer.first, SparseLinear)
+    paths = [r["path"] for r in surgery_modules(run.model)]
+    assert "encoder.layer.0.intermediate.dense.first" in paths
+    save_run(run, tmp_path / "out")
+    rebuilt = load(tmp_path / "out")
+    ins = run.example
+    for a, b in zip(ins.call(run.model).values(), ins.call(rebuilt).values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_load_of_a_model_that_fails_to_run_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import surgery.inputs
+    from surgery.cli import main
+
+    path = tmp_path / "whole.pt"
+    torch.save(tiny_mlp(), str(path))
+    code, out = _apply(tmp_path, path, "decompose Linear rank = 0.5\n", "--trust-pickle")
+    assert code == 0
+    wrong = surgery.inputs.Inputs((torch.zeros(2, 5),), {})  # TinyMLP takes 8 features
+    monkeypatch.setattr(surgery.inputs, "example_inputs", lambda model: wrong)
+    capsys.readouterr()
+    assert main(["load", str(out), "--trust-pickle"]) == 2
+    err = capsys.readouterr().err
+    assert "S0311" in err and "does not run on its example inputs" in err
+    assert "Traceback" not in err

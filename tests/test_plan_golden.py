@@ -18,7 +18,23 @@ from torch import nn
 from surgery.manager import Manager
 from surgery.parse import parse
 from surgery.report import plan_dict
-from tests.helpers_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from tests.helpers_models import (
+    arch_albert,
+    arch_bart,
+    arch_bloom,
+    arch_clip_vision,
+    arch_convnext,
+    arch_distilbert,
+    arch_falcon,
+    arch_gpt_neox,
+    arch_phi3,
+    arch_swin,
+    arch_t5_encoder,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+)
 
 CASES: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "bert": (
@@ -40,6 +56,18 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str]] = {
         tiny_llama,
         'decompose Linear where name ~ "*.mlp.*" rank = 0.25\ngroup kv = 1\n',
     ),
+    # Families whose attention, blocks and stages come from the graph patterns (issue 16).
+    "distilbert": (arch_distilbert, "group kv = 2\ndrop attention 1 by similarity\n"),
+    "albert": (arch_albert, "group kv = 1\ntruncate blocks keep 2 uniform\n"),
+    "bart": (arch_bart, "group kv = 2\ntruncate blocks keep 2 pseudo-uniform\n"),
+    "t5-encoder": (arch_t5_encoder, "group kv = 2\ntruncate blocks keep 2 uniform\n"),
+    "gpt-neox": (arch_gpt_neox, "group kv = 2\ndrop attention 1 by similarity\n"),
+    "bloom": (arch_bloom, "group kv = 1\n"),
+    "falcon": (arch_falcon, "group q = 2 kv = 1\n"),
+    "phi3": (arch_phi3, "group kv = 2\ntruncate blocks keep 2 uniform\n"),
+    "clip-vision": (arch_clip_vision, "group kv = 2\nskip tokens 50% after block 1\n"),
+    "swin": (arch_swin, "truncate blocks keep 3 uniform\n"),
+    "convnext": (arch_convnext, "truncate blocks keep 3 pseudo-uniform\n"),
 }
 
 

@@ -197,3 +197,57 @@ def test_keep_count_rounds_up_within_range(n: int, ratio: float) -> None:
     assert 0 <= k <= n - 1
     assert k >= (1 - ratio) * (n - 1) - 1e-6
     assert k - 1 < (1 - ratio) * (n - 1) + 1e-6
+
+
+# --- every architecture (issue 16): exact at 0%, refusals that say why ------------------------
+
+
+def _skip_family(family: str, text: str) -> tuple[nn.Module, Inputs, list]:  # type: ignore[type-arg]
+    from surgery.inputs import example_inputs
+    from surgery.parse import parse
+    from surgery.passes.base import PassContext
+    from surgery.passes.skip import SkipPass
+    from tests.helpers_models import ARCHS
+
+    model = ARCHS[family]()
+    ex = example_inputs(model)
+    p = SkipPass(parse(text).statements[0], PassContext(analysis=analyze(model, ex), example=ex))
+    plan = p.plan(model)
+    return model, ex, p.apply(model, plan)
+
+
+@pytest.mark.parametrize("family", ["clip-vision", "videomae"])
+def test_skipping_no_tokens_is_identity(family: str) -> None:
+    from tests.helpers_models import ARCHS
+
+    reference = ARCHS[family]()
+    model, ex, changes = _skip_family(family, "skip tokens 0% after block 1")
+    assert changes
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ex.call(model).last_hidden_state, ex.call(reference).last_hidden_state, rtol=0, atol=0
+        )
+
+
+def test_clip_vision_skips_tokens_after_the_class_embedding() -> None:
+    model, ex, changes = _skip_family("clip-vision", "skip tokens 50% after block 1")
+    assert changes and type(model.encoder.layers).__name__ == "TokenSkipLayers"
+    with torch.no_grad():
+        assert ex.call(model).last_hidden_state.shape == (2, 17, 32)
+
+
+@pytest.mark.parametrize(
+    ("family", "why"),
+    [
+        ("swin", "window grid"),
+        ("albert", "one shared layer"),
+        ("convnext", "no self-attention"),
+        ("t5-encoder", "no CLS token"),
+    ],
+)
+def test_refusals_name_the_reason(family: str, why: str) -> None:
+    from surgery.passes.base import PassError
+
+    with pytest.raises(PassError) as err:
+        _skip_family(family, "skip tokens 50% after block 0")
+    assert err.value.diagnostic.code == "S0324" and why in err.value.diagnostic.message

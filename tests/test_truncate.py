@@ -163,3 +163,59 @@ def test_plan_rows_show_blocks_kept_and_removed() -> None:
     assert [r.action for r in plan.rows] == ["remove", "skip", "remove", "skip"]
     assert plan.rows[3].shape == "block 3 of 4 → 1"
     assert plan.totals()["params_after"] == 0 and plan.totals()["params_before"] > 0
+
+
+# --- stages, shared layers and configs of every architecture (issue 16) ------------------------
+
+
+def test_swin_stages_keep_their_first_block_and_depths_follow() -> None:
+    from tests.helpers_models import arch_swin
+
+    model = arch_swin()  # depths [2, 2]
+    pixels = torch.randn(1, 3, 32, 32)
+    changes = truncate(model, "truncate blocks keep 3 uniform")
+    assert changes[0].detail["kept"] == [0, 1, 2]  # both stage firsts (0, 2) and one more
+    assert model.config.depths == [2, 1]
+    assert [len(layer.blocks) for layer in model.encoder.layers] == [2, 1]
+    with torch.no_grad():
+        assert model(pixel_values=pixels).last_hidden_state.shape == (1, 16, 32)
+
+
+def test_cnn_stages_refuse_to_empty_a_stage() -> None:
+    from tests.helpers_models import arch_resnet
+
+    model = arch_resnet()  # depths [2, 3]
+    with pytest.raises(PassError) as err:
+        truncate(model, "truncate blocks keep 1 uniform")
+    assert err.value.diagnostic.code == "S0341"
+    assert "first block of a stage" in err.value.diagnostic.message
+    changes = truncate(model, "truncate blocks keep 3 uniform")
+    assert changes and model.config.depths == [2, 1]  # stage firsts 0 and 2, then block 1
+
+
+def test_albert_shared_layer_truncates_to_fewer_runs_exactly() -> None:
+    from transformers import AlbertModel
+
+    from tests.helpers_models import arch_albert
+
+    model = arch_albert()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    truncate(model, "truncate blocks keep 2 uniform")
+    assert model.config.num_hidden_layers == 2
+    reference = AlbertModel(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state
+        )
+
+
+def test_t5_block_zero_owns_the_position_bias_and_stays() -> None:
+    from tests.helpers_models import arch_t5_encoder
+
+    model = arch_t5_encoder()
+    with pytest.raises(PassError) as err:
+        truncate(model, "truncate blocks keep 2 [1, 2]")
+    assert err.value.diagnostic.code == "S0342"
+    truncate(model, "truncate blocks keep 2 [0, 2]")
+    assert model.config.num_layers == 2 and len(model.encoder.block) == 2

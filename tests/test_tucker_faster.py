@@ -193,6 +193,7 @@ def _fake_measure(calls: list[tuple[int, tuple[int, ...], list[tuple[int, int]]]
         return LatencyTable(
             backend.name, layer, dict(geometry), shape, "float32", torch.__version__, dense_s,
             {pair_key(p): t for p, t in ranks.items()},  # type: ignore[arg-type]
+            threads=torch.get_num_threads(),
         )  # fmt: skip
 
     return fake
@@ -369,6 +370,7 @@ def test_keep_if_faster_on_a_1x1_conv_times_its_low_rank_pair(
         return LatencyTable(
             backend.name, layer, dict(geometry), shape, "float32", torch.__version__, 10.0,
             {pair_key(p): 0.1 * p[0] + (1.0 if p[0] > 8 else 0.0) for p in pairs},  # type: ignore[arg-type]
+            threads=torch.get_num_threads(),
         )  # fmt: skip
 
     monkeypatch.setattr(lat, "measure", fake)

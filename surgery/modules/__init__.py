@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from surgery.modules.attention import GroupedAttention
 from surgery.modules.conv3d import Conv2Plus1d, Conv3dAs2d
+from surgery.modules.grouped_heads import GroupedHeadsLinear
 from surgery.modules.identity import IdentitySublayer
 from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.lowrank_linear import LowRankLinear
@@ -33,6 +34,7 @@ __all__ = [
     "Conv3dAs2d",
     "DenseSparseLinear",
     "GroupedAttention",
+    "GroupedHeadsLinear",
     "IdentitySublayer",
     "LowRankConv2d",
     "LowRankLinear",

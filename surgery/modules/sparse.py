@@ -143,25 +143,63 @@ class SparseLinear(SurgeryModule):
         tokens (Wanda, 2306.11695): a small weight on a large activation matters more than
         its magnitude says.
         """
-        out_f, in_f = linear.weight.shape
+        return cls._from_matrix(linear.weight, linear.bias, n, m, input_norm, linear.training)
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Module,
+        n: int,
+        m: int,
+        input_norm: torch.Tensor | None = None,
+    ) -> SparseLinear:
+        """Like :meth:`from_linear` for a Hugging Face ``Conv1D`` (GPT-2's ``x @ W + b``, weight
+        stored ``[in, out]``): the result is a plain N:M ``Linear`` computing the same map.
+
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> conv = Conv1D(6, 8)  # nf=6 outputs, nx=8 inputs
+        >>> sp = SparseLinear.from_conv1d(conv, 4, 4)  # 4:4 keeps every weight
+        >>> x = torch.randn(2, 8)
+        >>> torch.allclose(sp(x), conv(x), atol=1e-6)
+        True
+        """
+        weight = conv.weight
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"`{type(conv).__name__}` has no 2-D weight")
+        found = getattr(conv, "bias", None)
+        bias = found if isinstance(found, torch.Tensor) else None
+        return cls._from_matrix(weight.t(), bias, n, m, input_norm, conv.training)
+
+    @classmethod
+    def _from_matrix(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        n: int,
+        m: int,
+        input_norm: torch.Tensor | None,
+        training: bool,
+    ) -> SparseLinear:
+        """The N:M layer for ``y = x @ weight.T + bias`` (``weight`` ``[out, in]``)."""
+        out_f, in_f = weight.shape
         module = cls(
             in_f,
             out_f,
             n,
             m,
-            bias=linear.bias is not None,
-            dtype=str(linear.weight.dtype).removeprefix("torch."),
-        ).to(linear.weight.device)
-        scores = linear.weight.detach().abs()  # [out, in]
+            bias=bias is not None,
+            dtype=str(weight.dtype).removeprefix("torch."),
+        ).to(weight.device)
+        scores = weight.detach().abs()  # [out, in]
         if input_norm is not None:
             scores = scores * input_norm.to(scores)[None, :]
         mask = nm_mask(scores, n, m)
         with torch.no_grad():
             module.mask.copy_(mask)
-            module.weight.copy_(linear.weight * mask)
-            if linear.bias is not None and module.bias is not None:
-                module.bias.copy_(linear.bias)
-        module.train(linear.training)
+            module.weight.copy_(weight * mask)
+            if bias is not None and module.bias is not None:
+                module.bias.copy_(bias)
+        module.train(training)
         return module
 
     @torch.no_grad()

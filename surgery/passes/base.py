@@ -111,7 +111,7 @@ class StepPlan:
             "rows": [r.as_dict() for r in self.rows],
             "notes": list(self.notes),
             "totals": self.totals(),
-        }
+        } | ({"search": self.data["auto"]} if "auto" in self.data else {})
 
 
 @dataclass
@@ -177,6 +177,14 @@ class PassContext:
     # Times single layers on the recipe's first target (`keep if faster`, `where speedup`);
     # the manager builds it, so passes never import a backend.
     timer: LayerTimer | None = None
+    # The recipe's `expect` statements (the program's contracts): `rank = auto` and
+    # `budget latency` aim their rank search at them (surgery.passes.auto_rank).
+    contracts: tuple[Any, ...] = ()
+    # How much tighter than written that search aims after a measured miss
+    # (surgery.passes.auto_rank.refine): speedup targets times `speedup_margin` (≥ 1), drift
+    # caps times `drift_margin` (≤ 1).
+    speedup_margin: float = 1.0
+    drift_margin: float = 1.0
 
     def warn(self, diagnostic: Diagnostic) -> None:
         self.warnings.append(diagnostic)

@@ -1,6 +1,7 @@
 """`decompose`: replace matched layers by low-rank factorizations.
 
-``decompose SELECTOR (rank = R | budget params|flops P) [method M] [round N] [progressive K steps]``
+``decompose SELECTOR (rank = R | rank = auto | budget params|flops|latency P) [method M] [round N]
+[progressive K steps]``
 
 **Layers.** ``Linear(in→out)`` and Hugging Face ``Conv1D`` (GPT-2's transposed linear,
 weight ``[in, out]``) become a :class:`~surgery.modules.LowRankLinear` pair
@@ -33,6 +34,19 @@ fraction or an absolute rank applies to the output and input channels separately
 energy threshold to each mode unfolding's spectrum. ``round N`` rounds ranks to multiples of
 ``N`` (:func:`~surgery.lowrank.round_rank`, never above the break-even rank). A per-layer rank
 is :func:`~surgery.passes.ranks.resolve_rank`, the rule ``split`` uses too.
+
+**Searched ranks.** ``rank = auto`` and ``budget latency P`` leave every matrix layer's rank
+to a search (:mod:`surgery.passes.auto_rank`): each layer is timed alone on the recipe's first
+target at candidate ranks on the tile (or ``round N``) grid up to its break-even rank, each
+candidate's error is the layer's measured sensitivity times the (data-aware) energy it
+discards, and the exact Pareto front of (summed latency, summed error) over all layers is
+searched for the least error under the latency goal (``expect speedup >= X`` through the
+layers' measured share of the model's time, or the budget), or the least latency under an
+``expect drift`` cap. A layer may stay dense. When nothing meets every goal, the error
+(``S0502``) names the contract that binds and the best value reachable. Rows carry the
+latency of the chosen form (``ms``); ``plan.data["auto"]`` holds the search (the frontier
+explored, the predictions, the contracts aimed at) for the report and for
+:func:`~surgery.passes.auto_rank.refine`.
 
 **Never larger.** A layer whose factorization would not have strictly fewer parameters *and*
 FLOPs than the layer is skipped, and the plan says why; so are tied weights, layers the model
@@ -101,6 +115,19 @@ from surgery.memory import release_free_memory
 from surgery.modules import LowRankLinear
 from surgery.modules.lowrank_conv import LowRankConv2d
 from surgery.modules.tucker_conv import TuckerConv2d
+from surgery.passes.auto_rank import (
+    Layer,
+    Margins,
+    Predictor,
+    Unreachable,
+    candidate_grid,
+    frontier,
+    goals_from,
+    layer_share,
+    lost_energy,
+    pareto_front,
+    search,
+)
 from surgery.passes.base import Change, PassContext, PassError, PlanRow, StepPlan, SurgeryPass
 from surgery.passes.calibration_stats import ASVD_ALPHA, LayerStats, collect_input_stats
 from surgery.passes.progressive import (
@@ -115,12 +142,14 @@ from surgery.passes.rank_latency import (
     keep_if_faster_ranks,
     keep_if_faster_tucker_ranks,
     layer_speedups,
+    rank_tables,
     tucker_speedups,
 )
 from surgery.passes.ranks import resolve_rank, resolve_tucker_ranks
-from surgery.select import select, type_names, uses_speedup
+from surgery.select import matches_type, select, type_label, type_names, uses_speedup
 from surgery.sensitivity import layer_sensitivities
 from surgery.timing import LayerTimer, TimingUnavailable
+from surgery.verbs.base import format_number
 
 _R = TypeVar("_R")  # what `keep if faster` chooses: a rank, or a Tucker rank pair
 
@@ -217,6 +246,17 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
         span = self.statement.span
         return f"{span.line}:{span.col}:{span.start}"
 
+    @property
+    def _searched(self) -> ast.Node | None:
+        """``rank = auto`` or ``budget latency …``: the option that makes the pass search ranks
+        on measured latency (None for a rank rule or a params/FLOPs budget)."""
+        stmt: ast.Decompose = self.statement
+        if stmt.rank_auto is not None:
+            return stmt.rank_auto
+        if stmt.budget is not None and stmt.budget.resource == "latency":
+            return stmt.budget
+        return None
+
     def _method_for(self, kind: Kind) -> str:
         stmt: ast.Decompose = self.statement
         if stmt.method is not None:
@@ -291,7 +331,8 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
             kind, why = self._classify(path, module)
             if kind is None:
                 if isinstance(module, nn.Conv2d):  # a refused conv gets a row saying why
-                    row = self._row(path, info.type, module, info.flops)
+                    label = type_label(module, info.type, stmt.selector)
+                    row = self._row(path, label, module, info.flops)
                     row.action, row.note = "skip", why
                     plan.rows.append(row)
                 continue
@@ -299,7 +340,15 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
                 out_f, in_f = module.weight.shape[:2]
             else:
                 out_f, in_f = _matrix(module, kind).shape
-            row = self._row(path, info.type, module, info.flops, kind=kind, in_f=in_f, out_f=out_f)
+            row = self._row(
+                path,
+                type_label(module, info.type, stmt.selector),
+                module,
+                info.flops,
+                kind=kind,
+                in_f=in_f,
+                out_f=out_f,
+            )
             plan.rows.append(row)
             skip = None
             method = self._method_for(kind)
@@ -316,9 +365,10 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
                 skip = (
                     "`method tucker` applies to k×k Conv2d layers; use `svd`, `asvd` or `svd-llm`"
                 )
-            elif kind == "tucker" and stmt.budget is not None:
+            elif kind == "tucker" and (stmt.budget is not None or stmt.rank_auto is not None):
                 skip = (
-                    "budgets cover matrix layers (Linear, Conv1D, 1×1 Conv2d); give Conv2d a `rank`"
+                    f"{'`rank = auto`' if stmt.rank_auto else 'budgets'} cover matrix layers "
+                    "(Linear, Conv1D, 1×1 Conv2d); give Conv2d a `rank`"
                 )
             elif kind == "tucker" and self._steps > 1:
                 skip = "progressive refactoring applies to SVD pairs; decompose Conv2d in its own statement"
@@ -465,7 +515,7 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
         stmt: ast.Decompose = self.statement
         full = min(cand.in_f, cand.out_f)
         be = max(1, min(break_even_rank(cand.in_f, cand.out_f), full))
-        if stmt.budget is not None or self._steps > 1:
+        if stmt.budget is not None or stmt.rank_auto is not None or self._steps > 1:
             return be
         if stmt.rank is None or stmt.rank.kind == "energy":
             return be
@@ -496,7 +546,7 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
             if (
                 module is None
                 or not info.input_shapes
-                or not ({info.type} | type_names(module)) & wanted
+                or not matches_type(module, info.type, wanted)
             ):
                 continue
             kind = self._classify(path, module)[0] if isinstance(module, nn.Conv2d) else None
@@ -581,7 +631,9 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
     def _choose_ranks(self, model: nn.Module, cands: list[_Candidate], plan: StepPlan) -> None:
         stmt: ast.Decompose = self.statement
         live = [c for c in cands if c.row.action != "skip" and c.full is not None]
-        if stmt.budget is not None:
+        if self._searched is not None:
+            ranks = self._search_ranks(model, live, plan)
+        elif stmt.budget is not None:
             ranks = self._budget_ranks(model, live, plan)
         else:
             ranks = {c.path: self._rank_rule(c) for c in live}
@@ -600,6 +652,10 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
         full = min(in_f, out_f)
         be = break_even_rank(in_f, out_f)
         row.detail["full_rank"] = full
+        if self._searched is not None and target >= full:
+            row.action = "skip"
+            row.note = cand.extra.get("dense_note", "the search keeps this layer dense")
+            return
         if stmt.budget is not None and target >= full:
             row.action, row.note = "skip", "the budget keeps this layer dense"
             return
@@ -657,11 +713,197 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
             max_rank=break_even_rank(cand.in_f, cand.out_f),
         )
 
+    def _search_ranks(
+        self, model: nn.Module, cands: list[_Candidate], plan: StepPlan
+    ) -> dict[str, int]:
+        """``rank = auto`` / ``budget latency``: each layer's rank from the search over measured
+        latency and predicted error (:mod:`surgery.passes.auto_rank`); ``min(in, out)`` for a
+        layer the search keeps dense."""
+        stmt: ast.Decompose = self.statement
+        node = self._searched
+        assert node is not None and self.context is not None
+        context = self.context
+        budget = stmt.budget if stmt.rank_auto is None else None
+        what = "`rank = auto`" if budget is None else "`budget latency`"
+        if not cands:
+            return {}
+        timer = self._timer(what, node)
+        step = self._multiple if stmt.round is not None else timer.tile
+        grids: dict[str, list[int]] = {}
+        for c in cands:
+            assert c.full is not None
+            grids[c.path] = candidate_grid(c.full.rank, step)
+        try:
+            tables = rank_tables(model, context.analysis, grids, timer)
+        except (TimingUnavailable, ValueError) as exc:
+            raise self._error(
+                f"{what} cannot time layers on {timer.name}: {exc}",
+                node,
+                help="choose a target that is available here, or give a fixed `rank`",
+            ) from exc
+        by_sensitivity = budget is None or (
+            budget.by is not None and budget.by.value == "sensitivity"
+        )
+        weights = (
+            self._sensitivities(model, cands) if by_sensitivity else {c.path: 1.0 for c in cands}
+        )
+        layers = []
+        for c in cands:
+            assert c.full is not None
+            lost = lost_energy(c.full.singular_values, grids[c.path])
+            table = tables[c.path]
+            options = [(r, table[r], weights[c.path] * lost[r]) for r in grids[c.path]]
+            layers.append(Layer(c.path, table[None], options))
+        dense = sum(layer.dense for layer in layers)
+        contracts = tuple(context.contracts)
+        share = None
+        if any(e.metric.value == "speedup" and e.op in (">", ">=") for e in contracts):
+            batch = context.calibration[0] if context.calibration else context.example
+            if batch is not None:
+                share = layer_share(model, [c.path for c in cands], batch)
+        predictor = Predictor(dense, share, drift_units=by_sensitivity)
+        margins = Margins(context.speedup_margin, context.drift_margin)
+        budget_text = ""
+        if budget is not None:
+            budget_text = f"budget latency {format_number(budget.value)}"
+        goals, notes = goals_from(
+            contracts, predictor, margins, budget=budget, budget_text=budget_text
+        )
+        if not goals:
+            raise self._error(
+                "`rank = auto` has nothing to aim at: no `expect speedup` or `expect drift` "
+                "contract reached this pass",
+                node,
+                help="add e.g. `expect speedup >= 1.5` to the recipe (run it with `surgery "
+                "apply`/`plan`, or give the pass a `PassContext(contracts=...)`), or use "
+                "`budget latency 60%`",
+            )
+        front = pareto_front(layers)
+        result = search(layers, goals, front=front)
+        if isinstance(result, Unreachable):
+            raise self._unreachable(result, predictor, timer.name)
+        ranks: dict[str, int] = {}
+        for c in cands:
+            rank = result.ranks[c.path]
+            table = tables[c.path]
+            c.row.detail["ms"] = round(table[rank] * 1e3, 4)
+            if rank is None:
+                c.row.detail["dense_ms"] = round(table[None] * 1e3, 4)
+                c.extra["dense_note"] = (
+                    f"the search keeps this layer dense ({len(grids[c.path])} ranks timed on "
+                    f"{timer.name})"
+                )
+                ranks[c.path] = min(c.in_f, c.out_f)
+            else:
+                ranks[c.path] = rank
+        self._record_search(plan, result, front, predictor, goals, margins, timer.name, layers)
+        plan.notes.extend(notes)
+        return ranks
+
+    def _record_search(
+        self,
+        plan: StepPlan,
+        pick: Any,
+        front: Any,
+        predictor: Predictor,
+        goals: list[Any],
+        margins: Margins,
+        where: str,
+        layers: list[Layer],
+    ) -> None:
+        """The search's result on the plan: a note per fact, ``plan.data["auto"]`` for the
+        report and for :func:`~surgery.passes.auto_rank.refine`."""
+        speedup_goals = [g for g in goals if g.kind == "speedup"]
+        drift_goals = [g for g in goals if g.kind == "drift"]
+        aim_speedup = max(speedup_goals, key=lambda g: g.target) if speedup_goals else None
+        aim_drift = min(drift_goals, key=lambda g: g.target) if drift_goals else None
+        predicted_speedup = predictor.speedup(pick.latency)
+        predicted_drift = predictor.drift(pick.error)
+        timed = sum(len(layer.options) for layer in layers)
+        plan.notes.append(
+            f"ranks searched on {where}: {len(layers)} layers, {timed} candidate ranks timed; "
+            f"goals: {', '.join(f'`{g.text}`' for g in goals)}; "
+            f"chosen: {predictor.describe(pick)} (predicted)"
+        )
+        if predictor.share is not None:
+            plan.notes.append(
+                f"the searched layers take {predictor.share:.0%} of the model's time (measured "
+                "in eager torch on the calibration batch; assumed the same on the target)"
+            )
+        if margins != Margins():
+            plan.notes.append(
+                f"aiming past the contracts after a measured miss: speedup ×{margins.speedup:.3f},"
+                f" drift ×{margins.drift:.3f}"
+            )
+        plan.notes.append(
+            f"frontier explored: {len(front)} Pareto points"
+            + (" (thinned)" if front.thinned else "")
+        )
+        plan.data["auto"] = {
+            "target": where,
+            "goals": [g.text for g in goals],
+            "share": predictor.share,
+            "latency": pick.latency / predictor.dense if predictor.dense else None,
+            "predicted_speedup": predicted_speedup,
+            "predicted_drift": predicted_drift,
+            "predicted_error": pick.error,
+            "speedup_target": aim_speedup.target if aim_speedup else None,
+            "speedup_line": aim_speedup.node.span.line if aim_speedup else None,
+            "drift_target": aim_drift.target if aim_drift else None,
+            "drift_line": aim_drift.node.span.line if aim_drift else None,
+            "margins": [margins.speedup, margins.drift],
+            "ranks": dict(pick.ranks),
+            # per layer: dense seconds and each candidate as [rank, seconds, predicted error]
+            "layers": {
+                layer.path: {"dense": layer.dense, "options": [list(o) for o in layer.options]}
+                for layer in layers
+            },
+            "frontier": frontier(front, predictor, pick),
+        }
+
+    def _unreachable(self, miss: Unreachable, predictor: Predictor, where: str) -> PassError:
+        """``S0502``: no choice of ranks meets ``miss.goal``; the best value reachable."""
+        goal, best = miss.goal, miss.best
+        if goal.kind == "speedup":
+            s = predictor.speedup(best.latency)
+            reach = f"{s:.2f}×" if s is not None else "unknown"
+        else:
+            reach = f"{best.latency / predictor.dense:.1%} of the dense latency"
+        if miss.alone:
+            message = f"no choice of ranks can meet `{goal.text}`: the best reachable is {reach}"
+            first = "with every searched layer at its fastest candidate rank"
+        else:
+            others = ", ".join(f"`{g.text}`" for g in miss.others)
+            message = (
+                f"no choice of ranks can meet `{goal.text}` together with {others}: "
+                f"the best reachable is {reach}"
+            )
+            first = f"the fastest choice that meets {others}"
+        notes = [f"{first}: {predictor.describe(best)} (predicted from layers timed on {where})"]
+        if goal.kind == "speedup" and predictor.share is not None:
+            notes.append(
+                f"the searched layers take {predictor.share:.0%} of the model's time; the rest "
+                "is not changed by `decompose`"
+            )
+        span = goal.node.span if goal.node is not None else self.statement.span
+        if goal.node is not self._searched:
+            notes.insert(0, f"ranks searched by line {self.line}: `{self.statement_text()}`")
+        return PassError(
+            Diagnostic(
+                code="S0502",
+                message=message,
+                span=span,
+                notes=tuple(notes),
+                help=("raise the budget" if goal.kind == "latency" else "relax the contract")
+                + ", select more layers, or allow smaller ranks (a smaller `round`)",
+            )
+        )
+
     def _budget_ranks(
         self, model: nn.Module, cands: list[_Candidate], plan: StepPlan
     ) -> dict[str, int]:
         budget = self.statement.budget
-        assert budget is not None
+        assert budget is not None and budget.resource != "latency"  # latency: _search_ranks
         spectra = []
         for c in cands:
             assert c.full is not None
@@ -863,7 +1105,12 @@ class DecomposePass(SurgeryPass[ast.Decompose]):
         soon as it is factored, so besides the model only one layer's factors are ever alive.
         The result is the same as :meth:`plan` then :meth:`apply`."""
         stmt: ast.Decompose = self.statement
-        if stmt.budget is not None or self._steps > 1 or self.family_step > 1:
+        if (
+            stmt.budget is not None
+            or stmt.rank_auto is not None
+            or self._steps > 1
+            or self.family_step > 1
+        ):
             return super().run(model)
         self._streamed = {}
         try:

@@ -44,7 +44,7 @@ from surgery.modules.identity import IdentitySublayer
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
 from surgery.transformer_arch import (
     Sublayer,
-    attention_sites,
+    attention_sublayers,
     first_tensor,
     get_module,
     set_module,
@@ -62,6 +62,10 @@ def _one_minus_cos(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]
     """(sum over tokens of 1 − cos, number of tokens) for (B, T, C) tensors."""
     cos = nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)  # (B, T)
     return float((1.0 - cos).sum()), int(cos.numel())
+
+
+class _Layout(ValueError):
+    """A sublayer's output does not line up with its block's stream (Swin's windows)."""
 
 
 def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[Any]) -> list[float]:
@@ -108,6 +112,12 @@ def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[An
                 _m: nn.Module, _a: Any, _k: Any, out: Any, i: int = i, kind: str = sub.kind
             ) -> None:
                 x_block_in, f = seen.pop(f"in{i}"), seen.pop(f"sub{i}")
+                if f.shape != x_block_in.shape:
+                    raise _Layout(
+                        f"`{subs[i].score_out}` works on another layout of the tokens than its "
+                        f"block (shape {tuple(f.shape)} against {tuple(x_block_in.shape)}: "
+                        "windows), so its effect on the stream cannot be compared token by token"
+                    )
                 if kind == "attention":  # stream before / after the attention's residual add
                     add(i, x_block_in, x_block_in + f)
                 else:  # stream before / after the MLP's residual add (the block output)
@@ -129,6 +139,29 @@ def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[An
             h.remove()
         model.train(was_training)
     return [total[i] / max(count[i], 1) for i in range(len(subs))]
+
+
+def _returns_tuple(model: nn.Module, subs: list[Sublayer], batch: Any) -> dict[str, int]:
+    """How many items each sublayer module returns (0: a tensor; its replacement returns the
+    same kind), from one run."""
+    seen: dict[str, int] = {}
+    handles = []
+    for sub in subs:
+        for p in sub.replace:
+
+            def hook(_m: nn.Module, _a: Any, out: Any, p: str = p) -> None:
+                seen.setdefault(p, len(out) if isinstance(out, tuple) else 0)
+
+            handles.append(get_module(model, p).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            batch.call(model)
+    except Exception:  # the scoring run reports a model that does not run
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 class DropPass(SurgeryPass[ast.Drop]):
@@ -162,25 +195,63 @@ class DropPass(SurgeryPass[ast.Drop]):
                 )
             )
         # `by` is not re-checked: `check` rejects any importance but `similarity` (S0201).
-        units = ctx.analysis.attentions  # where the dependency graph found attention
-        try:
-            subs = sublayers(model, kind, units)  # type: ignore[arg-type]
-            sites = {s.block: s for s in attention_sites(model, units)}
-        except LookupError:
-            subs, sites = [], {}
+        why: str | None = None
+        if kind == "attention":  # the attention sites of the exported graph's patterns
+            subs, why = attention_sublayers(model, ctx.analysis, ctx.example)
+        else:
+            try:
+                subs = sublayers(model, kind, ctx.analysis.attentions)  # type: ignore[arg-type]
+            except LookupError:
+                subs = []
         n = stmt.count.value
         if n < 0 or n > len(subs):
+            if not subs and why is None:
+                why = (
+                    f"`{type(model).__name__}` has no repeated transformer blocks with {kind} "
+                    "sublayers"
+                )
             raise PassError(
                 Diagnostic(
                     code="S0333",
                     message=f"cannot drop {n} {kind} sublayers: the model has {len(subs)} that can be dropped",
                     span=stmt.count.span,
-                    help=f"valid range: 0..{len(subs)}",
+                    notes=(why,) if why else (),
+                    help=f"valid range: 0..{len(subs)}"
+                    + ("; to remove whole blocks use `truncate blocks keep K`" if not subs else ""),
                 )
             )
-        scores = (
-            sublayer_importance(model, subs, self._batches(model)) if n > 0 else [0.0] * len(subs)
-        )
+        tuples = _returns_tuple(model, subs, self._batches(model)[0]) if n > 0 else {}
+        passes_on = [p for p, k in tuples.items() if k > 2]
+        if passes_on:
+            raise PassError(
+                Diagnostic(
+                    code="S0333",
+                    message=f"cannot drop {kind} sublayers of `{type(model).__name__}`: its "
+                    f"{kind} modules return more than their output and attention weights",
+                    span=stmt.span,
+                    notes=(
+                        f"`{passes_on[0]}` returns {tuples[passes_on[0]]} values, which the "
+                        "next blocks read (T5 passes its relative-position bias on this way)",
+                    ),
+                    help="use `truncate blocks keep K` to remove whole blocks",
+                )
+            )
+        try:
+            scores = (
+                sublayer_importance(model, subs, self._batches(model))
+                if n > 0
+                else [0.0] * len(subs)
+            )
+        except _Layout as exc:
+            raise PassError(
+                Diagnostic(
+                    code="S0333",
+                    message=f"cannot score the {kind} sublayers of `{type(model).__name__}`",
+                    span=stmt.span,
+                    notes=(str(exc),),
+                    help="use `truncate blocks keep K` to remove whole blocks",
+                )
+            ) from None
         order = sorted(range(len(subs)), key=lambda i: (scores[i], subs[i].block))
         chosen = set(order[:n])
         replace: dict[str, tuple[str, bool, int | None]] = {}
@@ -210,12 +281,12 @@ class DropPass(SurgeryPass[ast.Drop]):
                 )
             )
             if i in chosen:
-                layer_idx = None
-                site = sites.get(sub.block)
-                if kind == "attention" and site is not None and site.causal:
-                    layer_idx = getattr(get_module(model, site.path), "layer_idx", None)
                 for p, (mode, tup) in sub.replace.items():
-                    replace[p] = (mode, tup, layer_idx)
+                    # a decoder's dropped attention still marks its layer in the kv cache
+                    layer_idx = getattr(get_module(model, p), "layer_idx", None)
+                    if not isinstance(layer_idx, int) or kind != "attention":
+                        layer_idx = None
+                    replace[p] = (mode, bool(tuples.get(p, 2 if tup else 0)), layer_idx)
         plan.data["replace"] = replace
         if n == 0:
             plan.notes.append("dropping 0 sublayers changes nothing")

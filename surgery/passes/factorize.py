@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import ClassVar, cast
 
+import torch
 from torch import nn
 
 from surgery import ast
@@ -67,8 +68,8 @@ class FactorizePass(SurgeryPass[ast.Factorize]):
         modules = dict(model.named_modules())
         paths = select(model, analysis, stmt.selector, types=self.supported_types)
         for path in paths:
-            linear = modules[path]
-            if not isinstance(linear, nn.Linear):
+            linear = _as_linear(modules[path])
+            if linear is None:
                 continue
             info = analysis.modules[path]
             out_f, in_f = linear.weight.shape
@@ -103,8 +104,8 @@ class FactorizePass(SurgeryPass[ast.Factorize]):
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
         changes: list[Change] = []
         for row in plan.changed_rows:
-            linear = model.get_submodule(row.path)
-            if not isinstance(linear, nn.Linear):
+            linear = _as_linear(model.get_submodule(row.path))
+            if linear is None:
                 raise self.moved(row.path, "Linear")
             new = DenseSparseLinear.from_linear(linear, row.detail["basis"], row.detail["nonzeros"])
             model.set_submodule(row.path, new)
@@ -116,3 +117,24 @@ class FactorizePass(SurgeryPass[ast.Factorize]):
     def training_hooks(self, model: nn.Module) -> list[TrainingHook]:
         """:class:`RefreshMasks`: the saved top-K mask follows the trained coefficients."""
         return [RefreshMasks()]
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """``module`` as an ``nn.Linear``: itself, or for a Hugging Face ``Conv1D`` (GPT-2's
+    ``x @ W + b``, weight ``[in, out]``) a Linear computing the same map (``Linear`` selectors
+    match both); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor):
+        return None
+    if weight.dim() != 2:
+        return None
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=isinstance(bias, torch.Tensor))
+    linear = linear.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if isinstance(bias, torch.Tensor) and linear.bias is not None:
+            linear.bias.copy_(bias)
+    return linear

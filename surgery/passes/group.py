@@ -18,6 +18,13 @@ Per architecture:
   ``num_key_value_groups`` and ``config.num_key_value_heads`` are updated, so ``generate`` and
   saving with ``save_pretrained`` keep working. ``G`` must divide the current kv heads; query
   grouping is not supported there (rotary embeddings would need a replacement module).
+* Every other self-attention the graph patterns find (`surgery.patterns`: DistilBERT,
+  DeBERTa-v2, ALBERT, BART and T5 self-attention, GPT-NeoX, OPT, BLOOM, Falcon, Phi-3, CLIP,
+  Swin, VideoMAE, ...) keeps its HF module; the projections that make its queries, keys and
+  values (separate or fused, whatever their row layout) become
+  :class:`~surgery.modules.grouped_heads.GroupedHeadsLinear` layers holding the pooled heads
+  once, so the attention reads the same layout with grouped heads. Cross-attention is left
+  alone (a plan row says so). An attention shared by several blocks (ALBERT) is grouped once.
 * ``kv = heads`` (and ``q = heads``) changes nothing: the model is left bit-identical.
 
 Plan FLOPs are analytic, for one forward on the analysed example (``B, T`` from the attention's
@@ -41,6 +48,7 @@ counted. Without recorded shapes the FLOP columns are 0.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -49,13 +57,19 @@ from torch import nn
 from surgery import ast
 from surgery.diagnostics import Diagnostic
 from surgery.modules.attention import GroupedAttention, pairing, pool_heads
+from surgery.modules.grouped_heads import GroupedHeadsLinear, runs_of
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
+from surgery.patterns import AttentionMatch
 from surgery.transformer_arch import (
+    GROUPED_ATTENTION_CLASSES,
     AttentionSite,
+    _site,
     attention_sites,
     divisors,
     find_hf_config,
     get_module,
+    graph_attention,
+    is_hf_conv1d,
     set_module,
 )
 
@@ -184,6 +198,92 @@ def _regroup_gqa(model: nn.Module, m: Any, site: AttentionSite, kv_groups: int) 
             cfg.num_key_value_heads = kv_groups
 
 
+def _legacy_site(model: nn.Module, match: AttentionMatch) -> AttentionSite | None:
+    """The head layout of a matched attention that a dedicated rewrite handles: a class of
+    :data:`GROUPED_ATTENTION_CLASSES` (replaced by `GroupedAttention`) or a LLaMA-style
+    attention with its own ``num_key_value_groups`` (pooled in place, config updated)."""
+    m = get_module(model, match.path)
+    site = _site(match.path, m, 0)
+    if site is None:
+        return None
+    if site.family == "gqa" or type(m).__name__ in GROUPED_ATTENTION_CLASSES:
+        return site
+    return None
+
+
+def projection_groups(match: AttentionMatch, q: int, kv: int) -> dict[str, dict[str, Any]]:
+    """Per projection module to replace: ``members`` (original rows averaged into each new
+    row) and ``runs`` (where each original output feature now reads), for ``q`` query and
+    ``kv`` key/value groups. Heads are grouped contiguously over the distinct heads.
+
+    >>> from surgery.patterns import HeadRows
+    >>> h = lambda mod, base: HeadRows(mod, 4, ((base, base + 1), (base + 2, base + 3)))
+    >>> m = AttentionMatch("a", "softmax", h("a.q", 0), h("a.k", 0), h("a.v", 0), ("a.o",), False)
+    >>> projection_groups(m, 2, 1)["a.k"]
+    {'members': [[0, 2], [1, 3]], 'runs': [[0, 2], [0, 2]]}
+    """
+    assign: dict[str, dict[int, tuple[str, int, int]]] = {}
+    features: dict[str, int] = {}
+    for part, heads, target in (("q", match.q, q), ("k", match.k, kv), ("v", match.v, kv)):
+        groups = heads.groups
+        features[heads.module] = heads.features
+        if target == len(groups):
+            continue
+        per = len(groups) // target
+        fmap = assign.setdefault(heads.module, {})
+        for j, rows in enumerate(groups):
+            for t, f in enumerate(rows):
+                fmap[f] = (part, j // per, t)
+    out: dict[str, dict[str, Any]] = {}
+    for module, fmap in assign.items():
+        slot: dict[Any, int] = {}
+        members: list[list[int]] = []
+        index: list[int] = []
+        for f in range(features[module]):
+            key: Any = fmap.get(f, ("own", f))
+            if key not in slot:
+                slot[key] = len(members)
+                members.append([])
+            members[slot[key]].append(f)
+            index.append(slot[key])
+        out[module] = {"members": members, "runs": runs_of(index)}
+    return out
+
+
+def _dense(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight as ``[out, in]``, bias) of a plain dense layer; None for anything else."""
+    if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).__name__ == "FalconLinear"):
+        return m.weight, m.bias
+    if is_hf_conv1d(m):
+        return m.weight.t(), getattr(m, "bias", None)  # type: ignore[operator, union-attr]
+    return None
+
+
+def grouped_projection(
+    m: nn.Module, members: list[list[int]], runs: list[list[int]]
+) -> GroupedHeadsLinear:
+    """A :class:`GroupedHeadsLinear` whose row ``r`` is the mean of ``m``'s rows ``members[r]``."""
+    found = _dense(m)
+    assert found is not None
+    w, b = found
+    new = GroupedHeadsLinear(
+        int(w.shape[1]),
+        int(w.shape[0]),
+        rows=len(members),
+        runs=runs,
+        bias=b is not None,
+        dtype=str(w.dtype).removeprefix("torch."),
+    ).to(w.device)
+    with torch.no_grad():
+        for r, rows in enumerate(members):
+            new.proj.weight[r].copy_(w[rows].mean(dim=0))
+            if b is not None:
+                assert new.proj.bias is not None
+                new.proj.bias[r].copy_(b[rows].mean(dim=0))
+    new.train(m.training)
+    return new
+
+
 class GroupPass(SurgeryPass[ast.Group]):
     """``group kv = G`` / ``group q = Gq kv = Gkv`` over every block's self-attention."""
 
@@ -212,20 +312,45 @@ class GroupPass(SurgeryPass[ast.Group]):
         stmt = self.statement
         assert isinstance(stmt, ast.Group)
         plan = self.new_plan()
-        try:  # the attentions of the dependency graph, with the head layouts of their families
-            sites = attention_sites(model, ctx.analysis.attentions)
-        except LookupError:
+        matches, why = graph_attention(model, ctx.analysis, ctx.example)
+        generic: list[AttentionMatch] = []
+        if matches is None:  # no graph: the module-level rules and the dedicated rewrites only
+            ctx.warn(Diagnostic(code="S0313", message=str(why), span=stmt.span, severity="warning"))
+            try:
+                sites = attention_sites(model, ctx.analysis.attentions)
+            except LookupError:
+                sites = []
+        else:
             sites = []
-        if not sites:
+            for match in matches:
+                if match.cross:
+                    plan.rows.append(self._cross_row(model, match))
+                    continue
+                site = _legacy_site(model, match)
+                if site is not None:
+                    info = ctx.analysis.modules.get(match.path)
+                    block = info.block if info is not None and info.block is not None else 0
+                    sites.append(replace(site, block=block))
+                else:
+                    generic.append(match)
+        if not sites and not generic:
             raise PassError(
                 Diagnostic(
                     code="S0313",
                     message="`group` found no self-attention in this model",
                     span=stmt.span,
-                    help="`group` supports BERT/RoBERTa, ViT, GPT-2 and LLaMA/Mistral-style attention",
+                    notes=(
+                        "an attention is the pattern projections → scores → softmax → weighted "
+                        "values in the exported graph; none was found"
+                        + (" (the model could not be exported)" if matches is None else ""),
+                    ),
+                    help="`group` applies to transformer self-attention only",
                 )
             )
         targets: dict[str, tuple[int, int]] = {}
+        projections: dict[str, dict[str, Any]] = {}
+        for match in generic:
+            self._plan_generic(model, match, plan, projections)
         for site in sites:
             kv = stmt.kv.value
             if kv <= 0 or site.kv_heads % kv:
@@ -282,15 +407,155 @@ class GroupPass(SurgeryPass[ast.Group]):
             if not unchanged:
                 targets[site.path] = (q, kv)
         plan.data["targets"] = targets
-        if not targets:
+        plan.data["projections"] = projections
+        if not targets and not projections:
             plan.notes.append("every attention already has this grouping: nothing changes")
         return plan
 
+    def _cross_row(self, model: nn.Module, match: AttentionMatch) -> PlanRow:
+        m = get_module(model, match.path)
+        return PlanRow(
+            path=match.path,
+            type=type(m).__name__,
+            shape=f"{match.num_heads} heads: cross-attention",
+            action="skip",
+            params_before=0,
+            params_after=0,
+            flops_before=0,
+            flops_after=0,
+            detail={"heads": match.num_heads, "cross": True},
+            note="cross-attention: left alone",
+        )
+
+    def _plan_generic(
+        self,
+        model: nn.Module,
+        match: AttentionMatch,
+        plan: StepPlan,
+        projections: dict[str, dict[str, Any]],
+    ) -> None:
+        """Plan one self-attention grouped at its projections (see the module docstring)."""
+        stmt = self.statement
+        assert isinstance(stmt, ast.Group)
+        site = AttentionSite(
+            match.path,
+            0,
+            "qkvo",
+            match.num_heads,
+            match.q_heads,
+            match.kv_heads,
+            match.head_dim,
+            0,
+            False,
+        )
+        kv = stmt.kv.value
+        if kv <= 0 or match.kv_heads % kv:
+            raise self._error(stmt.kv, site, "kv", match.kv_heads)
+        q = match.q_heads
+        if stmt.q is not None:
+            q = stmt.q.value
+            if q <= 0 or match.q_heads % q:
+                raise self._error(stmt.q, site, "q", match.q_heads)
+        groups = projection_groups(match, q, kv)
+        for proj in groups:
+            m = get_module(model, proj)
+            parent = proj.rpartition(".")[0]
+            if isinstance(get_module(model, parent), GroupedHeadsLinear):
+                raise PassError(
+                    Diagnostic(
+                        code="S0312",
+                        message=f"the heads of `{parent}` were grouped by an earlier `group`",
+                        span=stmt.span,
+                        help="write one `group` statement per recipe",
+                    )
+                )
+            if _dense(m) is None:
+                raise PassError(
+                    Diagnostic(
+                        code="S0312",
+                        message=f"`group` cannot pool the heads of `{proj}`, a `{type(m).__name__}`",
+                        span=stmt.span,
+                        notes=("heads are pooled in plain dense layers (`Linear`, HF `Conv1D`)",),
+                        help="put `group` before statements that replace the attention projections",
+                    )
+                )
+        d = match.head_dim
+        params_before = params_after = flops_before = flops_after = 0
+        for proj in dict.fromkeys(match.inputs):
+            m = get_module(model, proj)
+            found = _dense(m)
+            assert found is not None
+            w, b = found
+            width = int(w.shape[1]) + (1 if b is not None else 0)
+            rows = len(groups[proj]["members"]) if proj in groups else int(w.shape[0])
+            params_before += width * int(w.shape[0])
+            params_after += width * rows
+            info = self.ensure_context(model).analysis.modules.get(proj)
+            flops = info.flops if info is not None else 0
+            flops_before += flops
+            flops_after += flops * rows // max(int(w.shape[0]), 1)
+        unchanged = not groups
+        shared = f", shared by {match.calls} calls" if match.calls > 1 else ""
+        plan.rows.append(
+            PlanRow(
+                path=match.path,
+                type=type(get_module(model, match.path)).__name__,
+                shape=f"{match.num_heads} heads: q {match.q_heads}→{q}, kv {match.kv_heads}→{kv}",
+                action="skip" if unchanged else "group",
+                params_before=params_before,
+                params_after=params_after,
+                flops_before=flops_before,
+                flops_after=flops_after,
+                detail={
+                    "heads": match.num_heads,
+                    "head_dim": d,
+                    "q": q,
+                    "kv": kv,
+                    "projections": sorted(groups),
+                    "family": "projections",
+                },
+                note="already has this grouping"
+                if unchanged
+                else f"pooled at the projections{shared}",
+            )
+        )
+        for proj, g in groups.items():
+            projections[proj] = {
+                **g,
+                "features": int(_dense(get_module(model, proj))[0].shape[0]),  # type: ignore[index]
+                "attention": match.path,
+                "q": q,
+                "kv": kv,
+                "before": (match.q_heads, match.kv_heads),
+            }
+
+    def _apply_projections(self, model: nn.Module, plan: StepPlan) -> list[Change]:
+        changes: list[Change] = []
+        for proj, g in plan.data.get("projections", {}).items():
+            m = get_module(model, proj)
+            found = _dense(m)
+            if found is None or int(found[0].shape[0]) != g["features"]:
+                raise self.moved(proj, f"dense layer with {g['features']} outputs")
+            set_module(model, proj, grouped_projection(m, g["members"], g["runs"]))
+            changes.append(
+                self.change(
+                    proj,
+                    "group",
+                    attention=g["attention"],
+                    q=g["q"],
+                    kv=g["kv"],
+                    q_before=g["before"][0],
+                    kv_before=g["before"][1],
+                    rows=len(g["members"]),
+                )
+            )
+        return changes
+
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
+        changes = self._apply_projections(model, plan)
         targets: dict[str, tuple[int, int]] = plan.data.get("targets", {})
         # Found afresh: an earlier statement may have changed the model since it was planned.
         sites = {s.path: s for s in attention_sites(model)} if targets else {}
-        changes: list[Change] = []
         for path, (q, kv) in targets.items():
             site = sites.get(path)
             if site is None:

@@ -1,7 +1,7 @@
 """Hardware-aware rank choice for ``decompose``: which ranks to time and which to keep.
 
-The policy half of ``keep if faster`` and ``where speedup > X`` (ALGORITHMS.md,
-"Hardware-aware rank optimization"). For each candidate layer this module builds the modules
+The policy half of ``keep if faster``, ``where speedup > X`` and the tables of ``rank = auto``
+(ALGORITHMS.md, "Hardware-aware rank optimization"). For each candidate layer this module builds the modules
 the pass would put in its place — ``Linear(in→r) → Linear(r→out)`` for matrix layers, a
 :class:`~surgery.modules.tucker_conv.TuckerConv2d` for a ``k×k`` conv, a
 :class:`~surgery.modules.lowrank_conv.LowRankConv2d` at ``(rank, rank)`` for a ``1×1`` one —
@@ -11,6 +11,9 @@ alone at its real input shape (the timer, built by the manager from the recipe's
 target, caches the tables). The choice is then a pure function of the times
 (:func:`choose_rank`, :func:`choose_tucker_ranks`, delegating to
 :func:`surgery.lowrank.pick_rank_below_cliff`), so tests use fake times.
+
+``rank = auto`` and ``budget latency`` time every candidate rank of every layer instead
+(:func:`rank_tables`), and :mod:`surgery.passes.auto_rank` chooses among them.
 
 Conv ranks: both Tucker ranks scale together, keeping their ratio: the *lead* (larger) rank
 steps down by the tile and the other follows it (:func:`tucker_candidate_pairs`), so the
@@ -46,6 +49,7 @@ __all__ = [
     "keep_if_faster_tucker_ranks",
     "layer_speedups",
     "pair_key",
+    "rank_tables",
     "tucker_candidate_pairs",
     "tucker_speedups",
 ]
@@ -299,6 +303,24 @@ def _conv_times(
     min_fraction: float,
 ) -> dict[str, LayerTimes]:
     """Each conv timed alone at its analysed input shape against its candidate pairs."""
+    return _conv_pair_times(
+        convs,
+        analysis,
+        {
+            path: tucker_candidate_pairs(requested[path], timer.tile, min_fraction=min_fraction)
+            for path in convs
+        },
+        timer,
+    )
+
+
+def _conv_pair_times(
+    convs: Mapping[str, nn.Module],
+    analysis: Analysis,
+    candidates: Mapping[str, Iterable[Pair]],
+    timer: LayerTimer,
+) -> dict[str, LayerTimes]:
+    """Each conv timed alone at its analysed input shape against the given rank pairs."""
     times: dict[str, LayerTimes] = {}
     for path, conv in convs.items():
         info = _module_info(analysis, path)
@@ -306,7 +328,7 @@ def _conv_times(
             raise ValueError(f"`{path}` ({type(conv).__name__}) is not an ungrouped Conv2d")
         if not info.input_shapes:
             raise ValueError(f"`{path}` was never called on the example inputs: no input shape")
-        pairs = tucker_candidate_pairs(requested[path], timer.tile, min_fraction=min_fraction)
+        pairs = list(candidates[path])
         geometry = conv_geometry(conv)
         times[path] = timer.time_layer(
             conv_layer(conv),
@@ -357,3 +379,47 @@ def tucker_speedups(
         )
         for path in convs
     }
+
+
+# --- `rank = auto` and `budget latency`: every candidate rank of every layer ------------------
+
+
+def rank_tables(
+    model: nn.Module,
+    analysis: Analysis,
+    candidates: Mapping[str, Iterable[int]],
+    timer: LayerTimer,
+) -> dict[str, dict[int | None, float]]:
+    """Median seconds per layer: ``None`` for the dense layer, each candidate rank for its
+    factored form, each layer timed alone at its real input shape on ``timer``.
+
+    Matrix layers (Linear, Conv1D) are timed against their low-rank pair, layers of one shape
+    once for the union of their candidates; an ungrouped 1×1 ``Conv2d`` against its
+    :class:`~surgery.modules.lowrank_conv.LowRankConv2d` pair at ``(r, r)``. Same errors as
+    :func:`keep_if_faster_ranks`.
+    """
+    convs: dict[str, nn.Module] = {}
+    matrices: dict[str, list[int]] = {}
+    for path, ranks in candidates.items():
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Conv2d):
+            convs[path] = module
+        else:
+            matrices[path] = sorted(set(ranks), reverse=True)
+    tables: dict[str, dict[int | None, float]] = {}
+    by_shape: dict[tuple[int, int, tuple[int, ...], torch.dtype, bool], list[str]] = {}
+    for path in matrices:
+        by_shape.setdefault(_linear_facts(model, analysis, path), []).append(path)
+    for facts, group in by_shape.items():
+        union = sorted({r for p in group for r in matrices[p]}, reverse=True)
+        times = _time_matrix(timer, facts, union)
+        for path in group:
+            tables[path] = {None: times.dense} | {r: times.variants[str(r)] for r in matrices[path]}
+    if convs:
+        wanted = {p: [(r, r) for r in candidates[p]] for p in convs}
+        conv_times = _conv_pair_times(convs, analysis, wanted, timer)
+        for path, times in conv_times.items():
+            tables[path] = {None: times.dense} | {
+                pair[0]: times.variants[pair_key(pair)] for pair in wanted[path]
+            }
+    return tables

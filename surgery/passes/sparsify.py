@@ -1,4 +1,8 @@
-"""`sparsify`: prune matched `Linear` layers to N:M semi-structured sparsity (2:4, ...).
+"""`sparsify`: prune matched dense matrix layers to N:M semi-structured sparsity (2:4, ...).
+
+``Linear`` selects every dense matrix layer, Hugging Face ``Conv1D`` (GPT-2) included; a
+``Conv1D`` (weight ``[in, out]``) becomes the equivalent :class:`SparseLinear`, its weight
+transposed, and ``sparsify Conv1D`` selects those alone.
 
 ``sparsify Linear where name ~ "*.mlp.*" 2:4`` keeps, in each group of ``M`` consecutive
 input weights of every output row, the ``N`` with the largest score, and replaces the layer by
@@ -30,7 +34,7 @@ from torch import nn
 from surgery import ast
 from surgery.modules.sparse import SparseLinear
 from surgery.passes.base import Change, PlanRow, StepPlan, SurgeryPass, TrainingHook
-from surgery.select import select
+from surgery.select import is_linear_like, select, type_label
 
 __all__ = ["KeepMasks", "SparsifyPass", "input_norms"]
 
@@ -87,7 +91,7 @@ def input_norms(
 
 
 class SparsifyPass(SurgeryPass[ast.Sparsify]):
-    """N:M magnitude (or Wanda, with calibration data) pruning of `Linear` layers."""
+    """N:M magnitude (or Wanda, with calibration data) pruning of `Linear`/`Conv1D` layers."""
 
     keyword: ClassVar[str] = "sparsify"
 
@@ -104,16 +108,19 @@ class SparsifyPass(SurgeryPass[ast.Sparsify]):
         paths = select(model, analysis, stmt.selector, types=self.supported_types)
         chosen: list[str] = []
         for path in paths:
-            linear = modules[path]
-            if not isinstance(linear, nn.Linear):
+            layer = modules[path]
+            if isinstance(layer, nn.Linear):
+                out_f, in_f = layer.weight.shape
+            elif is_linear_like(layer):
+                in_f, out_f = cast(torch.Tensor, layer.weight).shape  # Conv1D: [in, out]
+            else:
                 continue
             info = analysis.modules[path]
-            out_f, in_f = linear.weight.shape
-            bias = 0 if linear.bias is None else out_f
+            bias = 0 if getattr(layer, "bias", None) is None else out_f
             before = out_f * in_f + bias
             row = PlanRow(
                 path=path,
-                type=info.type,
+                type=type_label(layer, info.type, stmt.selector),
                 shape=f"{in_f}→{out_f}",
                 action="sparsify",
                 params_before=before,
@@ -146,12 +153,14 @@ class SparsifyPass(SurgeryPass[ast.Sparsify]):
         norms: dict[str, torch.Tensor] = plan.data.get("norms", {})
         changes: list[Change] = []
         for row in plan.changed_rows:
-            linear = model.get_submodule(row.path)
-            if not isinstance(linear, nn.Linear):
+            layer = model.get_submodule(row.path)
+            n, m, norm = row.detail["n"], row.detail["m"], norms.get(row.path)
+            if isinstance(layer, nn.Linear):
+                new = SparseLinear.from_linear(layer, n, m, input_norm=norm)
+            elif is_linear_like(layer):
+                new = SparseLinear.from_conv1d(layer, n, m, input_norm=norm)
+            else:
                 raise self.moved(row.path, "Linear")
-            new = SparseLinear.from_linear(
-                linear, row.detail["n"], row.detail["m"], input_norm=norms.get(row.path)
-            )
             model.set_submodule(row.path, new)
             changes.append(self.change(row.path, "sparsify", **dict(row.detail)))
         return changes

@@ -1,5 +1,9 @@
 """``calibrate with "calib.pt" [samples 128] [batch 8]``: the data passes and healing see.
 
+The source, relative to the recipe, is a tensor file (``.pt``/``.safetensors``), text
+(``.txt``/``.jsonl``), audio (``.wav``/``.flac``/``.ogg``) or a folder of images or audio clips;
+``surgery.inputs.calibration_inputs`` turns it into what the model takes.
+
 >>> from surgery.parse import parse
 >>> format(parse('calibrate  with "c.jsonl" batch 4').statements[0])
 'calibrate with "c.jsonl" batch 4'

@@ -48,7 +48,7 @@ VERB = Verb(
     positional=("selector", "n", "m"),
     check=check,
     format=format,
-    support=VerbSupport({"n": None, "m": None}, ("Linear",)),
-    language={"type": ("Linear",)},
+    support=VerbSupport({"n": None, "m": None}, ("Linear", "Conv1D")),
+    language={"type": ("Linear", "Conv1D")},
     pass_path="surgery.passes.sparsify:SparsifyPass",
 )
