@@ -917,7 +917,8 @@ def _refuse_unknown_keys(model: nn.Module, ins: Inputs, path: Path) -> None:
         if params
         else set()
     )
-    unknown = sorted(k for k in ins.kwargs if named and k not in named)
+    # `labels` are read by quality contracts (`expect accuracy`), not fed to the model.
+    unknown = sorted(k for k in ins.kwargs if named and k not in named and k != "labels")
     if unknown:
         takes = ", ".join(f"`{n}`" for n in sorted(named) if n in _MAIN_INPUTS or "mask" in n)
         raise InputError(
