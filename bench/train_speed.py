@@ -17,7 +17,7 @@ AdamW (lr 1e-4, no decay) on the same batches; the held-out loss is the cross-en
 Variants, each one line of the recipe language applied by the library's passes:
 
 * ``original``: the model as built.
-* ``lowrank``: ``decompose Linear where name ~ "*encoder*" rank = 0.25`` (rank optimisation:
+* ``lowrank``: ``decompose Linear where name ~ "*layer*" rank = 0.25`` (rank optimisation:
   the seeds report faster training of the factored model).
 * ``lowrank+freeze``: the same, with ``freeze first-factor`` (sequential freezing: the first
   factor of every pair gets no gradient and no optimiser state; the seed reports up to +60%
@@ -262,7 +262,7 @@ def bench_model(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     batches = batches_of(order, args.batch)
     example = rows(data, order[: args.batch])
 
-    lowrank = 'decompose Linear where name ~ "*encoder*" rank = 0.25'
+    lowrank = 'decompose Linear where name ~ "*layer*" rank = 0.25'
     variants: dict[str, tuple[list[str], str | None, str]] = {
         "original": ([], None, ""),
         "lowrank": ([lowrank], None, "rank optimisation: faster training of the factored model"),
