@@ -561,13 +561,8 @@ class Manager:
         except PassError:
             raise
         except Exception as exc:  # a pass bug must still name the recipe line
-            raise PassError(
-                Diagnostic(
-                    code="S0401",
-                    message=f"`{stmt.verb}` failed on this model: {first_line(exc)}",
-                    span=stmt.span,
-                    help="the model was left unchanged; see the plan with `surgery plan`",
-                )
+            raise PassError.crashed(
+                stmt, exc, "the model was left unchanged; see the plan with `surgery plan`"
             ) from exc
         self._check_matches(stmt, plan, candidate, state.analysis, run)
         step_drift = self._lint(stmt, candidate, example, reference, ref_shapes)

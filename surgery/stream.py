@@ -689,13 +689,8 @@ def stream_apply(
             except (PassError, StreamError, ModelLoadError):
                 raise
             except Exception as exc:  # a pass bug must still name the recipe line
-                raise PassError(
-                    Diagnostic(
-                        code="S0401",
-                        message=f"`{stmt.verb}` failed on this model: {first_line(exc)}",
-                        span=stmt.span,
-                        help="nothing was written; see the plan with `surgery plan`",
-                    )
+                raise PassError.crashed(
+                    stmt, exc, "nothing was written; see the plan with `surgery plan`"
                 ) from exc
             finally:
                 scratch.finish()

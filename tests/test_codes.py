@@ -39,14 +39,15 @@ SHARED: dict[str, tuple[set[str], str]] = {
     "S0401": (
         {
             "surgery/manager.py",
+            "surgery/passes/base.py",
             "surgery/passes/decompose.py",
-            "surgery/stream.py",
             "surgery/fx_surgery.py",
         },
-        "a statement cannot be carried out: the manager wraps any failure of a pass, decompose "
-        "says why in its own words (no calibration inputs, no timing, an unreachable budget); "
-        "stream.py and fx_surgery.py wrap a pass failure while streaming or rewriting a graph "
-        "as the manager does",
+        "a statement cannot be carried out: `PassError.crashed` (passes/base.py) wraps a pass "
+        "that fails unexpectedly, for the manager and the streamed run alike; the manager "
+        "also when healing or measuring cannot go on, decompose says why in its own words (no "
+        "calibration inputs, no timing, an unreachable budget), and fx_surgery.py when "
+        "rewriting a graph",
     ),
     "S0410": (
         {

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from surgery.diagnostics import Diagnostic
+from surgery.diagnostics import Diagnostic, first_line
 from surgery.facts import Analysis
 from surgery.nodes import StatementNode
 from surgery.timing import LayerTimer
@@ -144,6 +144,19 @@ class PassError(Exception):
     def __init__(self, diagnostic: Diagnostic) -> None:
         super().__init__(diagnostic.message)
         self.diagnostic = diagnostic
+
+    @classmethod
+    def crashed(cls, statement: StatementNode, exc: BaseException, help: str) -> PassError:
+        """``S0401`` for an unexpected failure (a pass bug) while carrying out ``statement``:
+        it must still name the recipe line; ``help`` says what became of the model."""
+        return cls(
+            Diagnostic(
+                code="S0401",
+                message=f"`{statement.verb}` failed on this model: {first_line(exc)}",
+                span=statement.span,
+                help=help,
+            )
+        )
 
 
 class TrainingHook:
