@@ -549,7 +549,7 @@ def _refuse_existing(args: argparse.Namespace, out: Path) -> None:
 
 def _apply(args: argparse.Namespace, out: Path, parallel: Any) -> int:
     from surgery.diagnostics import Diagnostic
-    from surgery.heal import CURVES, write_curves
+    from surgery.heal import CURVES
     from surgery.report import plan_text
     from surgery.save import OutputError, atomic_directory, write_run
 
@@ -578,9 +578,8 @@ def _apply(args: argparse.Namespace, out: Path, parallel: Any) -> int:
             _emit_diagnostics(run.warnings, source, args.recipe, "text")
             console.progress("writing output", 0, 1)
             plan = write_run(run, tmp, recipe_source=source, recipe=args.recipe, model=args.model)
-            # The loss and held-out curves (`surgery.heal.write_curves`), unless the writer of
-            # the run's output already wrote them.
-            curves = [n for n in CURVES if (tmp / n).is_file()] or write_curves(run.heals, tmp)
+            # `write_run` wrote the loss and held-out curves of any healing; name them.
+            curves = [n for n in CURVES if (tmp / n).is_file()]
         shutil.rmtree(partial, ignore_errors=True)
     except OutputError as exc:
         raise UserError(
