@@ -32,7 +32,6 @@ _NO_ATTENTION = "found no self-attention"
 _CAUSAL = "attends causally"
 _ENC_DEC = "encoder–decoder"
 _NO_CLS = "no CLS token"
-_SCORER = "token scorer does not read"
 _STAGE_FIRST = "first block of a stage"
 
 REFUSED: dict[tuple[str, str], str] = {
@@ -40,8 +39,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("convnext", "R3"): _NO_ATTENTION,
     ("resnet", "R3"): _NO_ATTENTION,
     # skip tokens: only CLS-token (or mean-pooled) encoders with a list of blocks
-    ("distilbert", "R4"): _SCORER,
-    ("deberta-v2", "R4"): _SCORER,
     ("albert", "R4"): "one shared layer",
     ("bart", "R4"): _ENC_DEC,
     ("t5-encoder", "R4"): _NO_CLS,
@@ -66,8 +63,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("resnet", "R5"): _STAGE_FIRST,
     # drop attention
     ("albert", "R6"): "shared layer",
-    ("t5-encoder", "R6"): "relative-position bias",
-    ("t5", "R6"): "relative-position bias",
     ("swin", "R6"): "windows",
     ("convnext", "R6"): "no self-attention",
     ("resnet", "R6"): "no self-attention",

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
 
 from surgery.graph import analyze
-from surgery.inputs import Inputs
+from surgery.inputs import Inputs, example_inputs
 from surgery.modules.identity import IdentitySublayer
 from surgery.modules.registry import build
 from surgery.parse import parse
@@ -260,10 +260,57 @@ def test_bloom_attention_that_adds_its_residual_returns_the_residual() -> None:
 
 @pytest.mark.parametrize(
     ("family", "why"),
-    [("albert", "shared layer"), ("t5-encoder", "relative-position bias"), ("swin", "windows")],
+    [("albert", "shared layer"), ("swin", "windows")],
 )
 def test_drop_refusals_name_the_reason(family: str, why: str) -> None:
     with pytest.raises(PassError) as err:
         _drop_family(family, "drop attention 1")
     d = err.value.diagnostic
     assert d.code == "S0333" and why in d.message + " ".join(d.notes)
+
+
+# --- T5: the first block owns the relative-position bias the later blocks reuse -----------------
+
+
+def test_t5_drops_attention_only_in_blocks_that_hand_the_bias_on() -> None:
+    _, _, (plan, changes) = _drop_family("t5-encoder", "drop attention 2")
+    first = "encoder.block.0.layer.0.SelfAttention"
+    assert [c.path for c in changes] and first not in [c.path for c in changes]
+    [row] = [r for r in plan.rows if r.path == first]
+    assert row.action == "skip" and "hands on" in row.note
+    assert any("relative-position bias" in n for n in plan.notes)
+
+
+def test_t5_dropped_attention_hands_the_bias_to_the_next_block() -> None:
+    from tests.helpers_models import arch_t5_encoder
+
+    reference = arch_t5_encoder().double()
+    model = copy.deepcopy(reference)
+    ex = example_inputs(model)
+    p = DropPass(
+        parse("drop attention 1").statements[0],
+        PassContext(analysis=analyze(model, ex), example=ex),
+    )
+    plan = p.plan(model)
+    [value] = plan.data["replace"].values()
+    plan.data["replace"] = {"encoder.block.1.layer.0.SelfAttention": value}  # block 1 for sure
+    p.apply(model, plan)
+    biases = []
+    for m in (reference, model):
+        attn = m.encoder.block[2].layer[0].SelfAttention
+        h = attn.register_forward_pre_hook(
+            lambda _m, _a, kw: biases.append(kw["position_bias"]), with_kwargs=True
+        )
+        ex.call(m)
+        h.remove()
+    assert torch.equal(biases[0], biases[1])
+    reloaded = build("HandOnIdentity", model.encoder.block[1].layer[0].SelfAttention.spec())
+    assert reloaded.passes == [("position_bias", 3)]
+
+
+def test_t5_refuses_more_drops_than_blocks_that_hand_the_bias_on() -> None:
+    with pytest.raises(PassError) as err:
+        _drop_family("t5-encoder", "drop attention 3")
+    d = err.value.diagnostic
+    assert d.code == "S0333" and "2 of the 3" in d.message
+    assert "`position_bias`" in d.notes[0] and "relative-position bias" in d.notes[0]

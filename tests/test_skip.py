@@ -251,3 +251,62 @@ def test_refusals_name_the_reason(family: str, why: str) -> None:
     with pytest.raises(PassError) as err:
         _skip_family(family, "skip tokens 50% after block 0")
     assert err.value.diagnostic.code == "S0324" and why in err.value.diagnostic.message
+
+
+# --- the scorer reads the projections the graph found (DistilBERT, DeBERTa-v2) -------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "q", "k"),
+    [
+        ("distilbert", "attention.q_lin", "attention.k_lin"),
+        ("deberta-v2", "attention.self.query_proj", "attention.self.key_proj"),
+    ],
+)
+def test_scorer_reads_the_projections_the_graph_found(family: str, q: str, k: str) -> None:
+    model, ex, changes = _skip_family(family, "skip tokens 50% after block 1")
+    scorer = changes[0].detail["scorer"]
+    assert (scorer["q"], scorer["k"]) == (q, k)
+    reloaded = build("TokenSkipLayers", changes[0].detail)
+    assert reloaded.scorer is not None and reloaded.scorer.q == q
+    with torch.no_grad():
+        assert ex.call(model).last_hidden_state.shape[:2] == ex.kwargs["input_ids"].shape
+
+
+def test_deberta_relative_positions_are_gathered_at_the_kept_tokens() -> None:
+    from transformers.models.deberta_v2.modeling_deberta_v2 import (
+        build_relative_position,
+        make_log_bucket_position,
+    )
+
+    from surgery.modules.token_skip import _take_relative
+
+    ids = torch.zeros(1, 12, 1)
+    rel = build_relative_position(ids, ids, bucket_size=4, max_position=8)  # (1, 12, 12)
+    idx = torch.tensor([[0, 2, 3, 7, 11], [0, 1, 5, 6, 9]])
+    got = _take_relative(rel, idx, heads=3)  # (1, 2·3, 5, 5)
+    assert got.shape == (1, 6, 5, 5)
+    for b in range(2):
+        want = make_log_bucket_position(idx[b][:, None] - idx[b][None, :], 4, 8).long()
+        for h in range(3):
+            assert torch.equal(got[0, b * 3 + h], want)
+
+
+def test_deberta_skipping_is_per_example() -> None:
+    """Each example keeps its own tokens and relative positions: a batch gives every example
+    what it gets alone."""
+    from tests.helpers_models import arch_deberta_v2
+
+    model = arch_deberta_v2().double()
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(3))
+    ex = Inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    p = SkipPass(
+        parse("skip tokens 50% after block 0").statements[0],
+        PassContext(analysis=analyze(model, ex), example=ex),
+    )
+    p.apply(model, p.plan(model))
+    with torch.no_grad():
+        both = model(**ex.kwargs).last_hidden_state
+        for b in range(2):
+            alone = model(input_ids=ids[b : b + 1], attention_mask=torch.ones_like(ids[b : b + 1]))
+            torch.testing.assert_close(both[b], alone.last_hidden_state[0], rtol=1e-10, atol=1e-10)

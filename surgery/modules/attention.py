@@ -32,9 +32,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from surgery.modules.identity import IdentitySublayer, Mode
 from surgery.modules.registry import SurgeryModule, register_module
 
-__all__ = ["GroupedAttention", "pairing", "pool_heads"]
+__all__ = ["GroupedAttention", "HandOnIdentity", "pairing", "pool_heads"]
 
 # Positional arguments after ``hidden_states`` of the HF modules this one replaces.
 _POSITIONAL: dict[str, tuple[str, ...]] = {
@@ -239,3 +240,46 @@ class GroupedAttention(SurgeryModule):
             f"num_heads={self.num_heads}, q_groups={self.q_groups}, kv_groups={self.kv_groups}, "
             f"head_dim={self.head_dim}, signature={self.signature!r}"
         )
+
+
+@register_module
+class HandOnIdentity(IdentitySublayer):
+    """A dropped attention that hands some of its inputs on, as the module it replaces did.
+
+    T5's attention returns ``(output, position_bias, weights)``: the first block computes the
+    relative-position bias, every later block receives it as its ``position_bias`` input and
+    returns it unchanged, and the stack hands it to the next block. A later block's attention
+    dropped by ``drop`` must do the same, or the next block would see no bias. ``passes`` lists
+    those inputs as ``[name, position]`` (the position in the replaced module's ``forward``,
+    ``hidden_states`` being 0; ``position`` is used when the input came positionally); the
+    stand-in returns ``(identity output, *passed inputs, None)``.
+
+    >>> m = HandOnIdentity("zero", passes=[["position_bias", 3]])
+    >>> bias = torch.randn(1, 4, 5, 5)
+    >>> out, got, weights = m(torch.randn(2, 5, 8), position_bias=bias)
+    >>> got is bias, weights, float(out.abs().sum())
+    (True, None, 0.0)
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "zero",
+        passes: list[list[Any]] | None = None,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__(mode, returns_tuple=True, layer_idx=layer_idx)
+        self.passes: list[tuple[str, int]] = [(str(n), int(p)) for n, p in passes or []]
+
+    def spec(self) -> dict[str, Any]:
+        passes = [[n, p] for n, p in self.passes]
+        return {"mode": self.mode, "passes": passes, "layer_idx": self.layer_idx}
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if "cache" in kwargs and "past_key_values" not in kwargs:  # T5 names its cache `cache`
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        out = super().forward(hidden_states, *args, **kwargs)[0]
+        handed = [
+            kwargs[name] if name in kwargs else (args[pos - 1] if 0 < pos <= len(args) else None)
+            for name, pos in self.passes
+        ]
+        return (out, *handed, None)

@@ -16,6 +16,22 @@ yields the plain blocks, except:
   norm/head sees ``N`` tokens in the original order, the skipped ones holding their block-``D``
   outputs.
 
+Where the scores come from: the pass hands the wrapper a :class:`CLSScorer` built from the
+attention the exported graph's patterns found (:mod:`surgery.patterns`): the block-relative
+paths of the query and key projections, and where in their outputs every head's rows start. So
+any projection names (``q_lin``/``k_lin``, ``query_proj``/``key_proj``) and fused layouts are
+read. The scores are the content-to-content ``q·k`` term only: a position bias a model adds to
+its scores (DeBERTa's disentangled terms) is left out of the *ranking*; it is never left out of
+the blocks that run. A wrapper saved without a scorer finds the attention by the module rules
+(``query``/``key`` or ``q_proj``/``k_proj``).
+
+Relative positions: DeBERTa's encoder computes ``relative_pos`` ``(1, N, N)`` once from the
+sequence length and hands it to every block. For the reduced blocks its rows and columns are
+gathered at each example's kept positions, so a kept token sees the same relative position to
+every other kept token as before (``pos_i − pos_j``, bucketed as the encoder did); it is passed
+as ``(1, B·H, K, K)``, the 4-d layout DeBERTa's attention indexes one row per (example, head)
+of its ``(B·H, K, d)`` queries.
+
 Rounding: ``k = ⌈(1−ρ)·(N−1) − 10⁻⁹⌉`` (never drop more than asked; the tolerance absorbs
 float noise in ``1−ρ``). ``ρ = 0`` keeps every token and runs the blocks exactly as before.
 The module has no parameters; its spec is just ``ratio``, ``after`` and ``until``, and the
@@ -29,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -37,7 +53,7 @@ from torch import nn
 
 from surgery.modules.registry import SurgeryModule, register_module
 
-__all__ = ["TokenSkipLayers", "cls_attention", "keep_count"]
+__all__ = ["CLSScorer", "TokenSkipLayers", "cls_attention", "keep_count"]
 
 
 def keep_count(tokens: int, ratio: float) -> int:
@@ -56,7 +72,8 @@ def _mask_row(
         mask[..., 0, :] if mask.dim() == 4 else mask.reshape(mask.shape[0], 1, -1)
     )  # (B|1, H|1, T)
     row = row[..., :tokens]
-    if row.dtype == torch.bool:
+    if row.dtype == torch.bool or not row.is_floating_point():  # DeBERTa: a 0/1 int mask
+        row = row.bool()
         keep = row
         additive = torch.zeros(row.shape, dtype=torch.float32, device=row.device).masked_fill(
             ~row, -math.inf
@@ -89,12 +106,82 @@ def cls_attention(
     k = k_out.reshape(bsz, tokens, nk, head_dim).transpose(1, 2)[
         :, heads // (num_heads // nk)
     ]  # (B, h, T, d)
+    return _softmax_row(q_cls, k, scaling, mask)
+
+
+@dataclass(frozen=True)
+class CLSScorer:
+    """Where a block's attention makes its queries and keys (from the graph's patterns).
+
+    ``q``/``k`` are module paths relative to the block; ``q_starts``/``k_starts`` the first
+    output feature of every head slot (each head reads ``head_dim`` consecutive features);
+    ``scaling`` multiplies ``q·k``.
+
+    >>> s = CLSScorer("attention.q_lin", "attention.k_lin", (0, 8), (0, 8), 8, 0.35)
+    >>> CLSScorer.from_dict(s.to_dict()) == s
+    True
+    """
+
+    q: str
+    k: str
+    q_starts: tuple[int, ...]
+    k_starts: tuple[int, ...]
+    head_dim: int
+    scaling: float
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.q_starts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {**d, "q_starts": list(self.q_starts), "k_starts": list(self.k_starts)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CLSScorer:
+        return cls(
+            str(d["q"]),
+            str(d["k"]),
+            tuple(int(i) for i in d["q_starts"]),
+            tuple(int(i) for i in d["k_starts"]),
+            int(d["head_dim"]),
+            float(d["scaling"]),
+        )
+
+    def scores(
+        self, q_out: torch.Tensor, k_out: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The CLS query's softmax attention to every key, averaged over heads, from the
+        projections' outputs ``(B, T, ·)``; padding gets −∞. Returns ``(B, T)``."""
+        d = torch.arange(self.head_dim, device=q_out.device)
+        qi = torch.tensor(self.q_starts, device=q_out.device)[:, None] + d  # (h, d)
+        ki = torch.tensor(self.k_starts, device=k_out.device)[:, None] + d  # (h, d)
+        q_cls = q_out[:, 0][:, qi]  # (B, h, d)
+        k = k_out[:, :, ki].transpose(1, 2)  # (B, h, T, d)
+        return _softmax_row(q_cls, k, self.scaling, mask)
+
+
+def _softmax_row(
+    q_cls: torch.Tensor, k: torch.Tensor, scaling: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean over heads of ``softmax(q_cls·kᵀ·scaling + mask row)`` with padding at −∞."""
+    bsz, _, tokens, _ = k.shape
     scores = torch.einsum("bhd,bhtd->bht", q_cls.float(), k.float()) * scaling  # (B, h, T)
     additive, valid = _mask_row(mask, bsz, tokens)
     if additive is not None:
         scores = scores + additive.to(scores.device)
     probs = scores.softmax(dim=-1).mean(dim=1)  # (B, T)
     return probs.masked_fill(~valid.to(probs.device), -math.inf)
+
+
+def _take_relative(rel: torch.Tensor, idx: torch.Tensor, heads: int) -> torch.Tensor:
+    """DeBERTa's ``relative_pos`` ``(1|B, N, N)`` at the kept positions ``idx`` ``(B, K)``, as
+    ``(1, B·H, K, K)``: row ``b·H + h`` serves head ``h`` of example ``b``."""
+    bsz, kept = idx.shape
+    full = rel.reshape(-1, *rel.shape[-2:]).expand(bsz, -1, -1)  # (B, N, N)
+    rows = torch.take_along_dim(full, idx[:, :, None].expand(-1, -1, full.shape[-1]), dim=1)
+    both = torch.take_along_dim(rows, idx[:, None, :].expand(-1, kept, -1), dim=2)  # (B, K, K)
+    return both.repeat_interleave(heads, dim=0).unsqueeze(0)  # (1, B·H, K, K)
 
 
 def _take_tokens(mask: torch.Tensor, idx: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -123,6 +210,7 @@ class _State:
     full: torch.Tensor | None = None  # (B, N, C) block-D outputs of all tokens
     idx: torch.Tensor | None = None  # (B, 1+k) kept positions, ascending
     mask: torch.Tensor | None = None  # attention mask cut to the kept tokens
+    relative: torch.Tensor | None = None  # DeBERTa's relative_pos at the kept tokens
     tokens: int = 0
 
 
@@ -168,6 +256,8 @@ class _Step:
         if not st.active:
             return self._layer(hidden_states, *args, **kwargs)
         args, kwargs = _replace_mask(args, kwargs, st.mask)
+        if st.relative is not None and "relative_pos" in kwargs:
+            kwargs = {**kwargs, "relative_pos": st.relative}
         out = self._layer(hidden_states, *args, **kwargs)
         if not self._last:
             return out
@@ -181,25 +271,18 @@ class _Step:
     def _select(
         self, hidden_states: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        from surgery.transformer_arch import attention_of_block
-
         st = self._state
         st.active = False
         tokens = hidden_states.shape[1]
         kept = keep_count(tokens, self._owner.ratio)
         if kept >= tokens - 1:  # nothing to skip: run exactly as the unwrapped model
             return self._layer(hidden_states, *args, **kwargs)
-        found = attention_of_block(self._layer)
-        if found is None:
-            raise RuntimeError(f"block {self._index} has no attention to score tokens with")
-        rel, site = found
-        attn: Any = self._layer.get_submodule(rel)
-        q_mod = attn.query if site.family == "separate" else attn.q_proj
-        k_mod = attn.key if site.family == "separate" else attn.k_proj
+        scorer = self._owner.scorer or _module_scorer(self._layer, self._index)
+        q_mod, k_mod = self._layer.get_submodule(scorer.q), self._layer.get_submodule(scorer.k)
         seen: dict[str, torch.Tensor] = {}
-        handles = [
-            q_mod.register_forward_hook(lambda _m, _i, o: seen.__setitem__("q", o)),
-            k_mod.register_forward_hook(lambda _m, _i, o: seen.__setitem__("k", o)),
+        handles = [  # the first call: DeBERTa runs its projections again on position embeddings
+            q_mod.register_forward_hook(lambda _m, _i, o: seen.setdefault("q", o)),
+            k_mod.register_forward_hook(lambda _m, _i, o: seen.setdefault("k", o)),
         ]
         try:
             out = self._layer(hidden_states, *args, **kwargs)
@@ -208,19 +291,45 @@ class _Step:
                 h.remove()
         x = out if isinstance(out, torch.Tensor) else out[0]  # (B, N, C)
         mask = _get_mask(args, kwargs)
-        scaling = float(getattr(attn, "scaling", site.head_dim**-0.5))
-        scores = cls_attention(
-            seen["q"], seen["k"], site.num_heads, site.head_dim, scaling, mask
-        )  # (B, N)
+        scores = scorer.scores(seen["q"], seen["k"], mask)  # (B, N)
         scores[:, 0] = math.inf  # CLS always stays
         idx = scores.topk(kept + 1, dim=1).indices.sort(dim=1).values  # (B, 1+k)
         st.active, st.full, st.idx, st.tokens = True, x, idx, tokens
         st.mask = _take_tokens(mask, idx, tokens) if isinstance(mask, torch.Tensor) else mask
+        rel = kwargs.get("relative_pos")
+        st.relative = (
+            _take_relative(rel, idx, scorer.num_heads)
+            if isinstance(rel, torch.Tensor) and tuple(rel.shape[-2:]) == (tokens, tokens)
+            else None
+        )
         reduced = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, 1+k, C)
         if self._index == self._owner.last_block():  # nothing follows: scatter right away
             st.active = False
             return out
         return _with_hidden(out, reduced)
+
+
+def _module_scorer(block: nn.Module, index: int) -> CLSScorer:
+    """The scorer of a wrapper saved without one: the block's attention by the module rules
+    (``query``/``key`` or ``q_proj``/``k_proj``, heads in contiguous rows)."""
+    from surgery.transformer_arch import attention_of_block
+
+    found = attention_of_block(block)
+    if found is None:
+        raise RuntimeError(f"block {index} has no attention to score tokens with")
+    rel, site = found
+    attn: Any = block.get_submodule(rel)
+    names = ("query", "key") if site.family == "separate" else ("q_proj", "k_proj")
+    d = site.head_dim
+    heads = range(site.num_heads)
+    return CLSScorer(
+        f"{rel}.{names[0]}",
+        f"{rel}.{names[1]}",
+        tuple(i // (site.num_heads // site.q_heads) * d for i in heads),
+        tuple(i // (site.num_heads // site.kv_heads) * d for i in heads),
+        d,
+        float(getattr(attn, "scaling", d**-0.5)),
+    )
 
 
 @register_module
@@ -236,7 +345,13 @@ class TokenSkipLayers(SurgeryModule):
 
     wraps = "inner"
 
-    def __init__(self, ratio: float, after: int, until: int | None = None) -> None:
+    def __init__(
+        self,
+        ratio: float,
+        after: int,
+        until: int | None = None,
+        scorer: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio must be in [0, 1], got {ratio}")
@@ -245,10 +360,14 @@ class TokenSkipLayers(SurgeryModule):
         self.ratio = float(ratio)
         self.after = int(after)
         self.until = until
+        self.scorer = CLSScorer.from_dict(scorer) if scorer is not None else None
         self.inner: nn.ModuleList | None = None  # set by the pass, or by the loader on reload
 
     def spec(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "after": self.after, "until": self.until}
+        spec: dict[str, Any] = {"ratio": self.ratio, "after": self.after, "until": self.until}
+        if self.scorer is not None:
+            spec["scorer"] = self.scorer.to_dict()
+        return spec
 
     def _blocks(self) -> nn.ModuleList:
         if self.inner is None:

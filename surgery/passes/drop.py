@@ -14,6 +14,14 @@ sublayer turns the residual stream, and replaces the ``N`` least important with 
   hidden states (``BertAttention`` → identity; ``BertIntermediate``/``BertOutput`` → pass the
   attention output through).
 
+A sublayer module that returns more than its output and attention weights hands something on
+to the later blocks (T5's attention returns ``(output, position_bias, weights)``). If it hands
+on one of its own inputs unchanged (T5's later blocks pass the bias through), it can be dropped:
+its stand-in (:class:`~surgery.modules.attention.HandOnIdentity`) hands the same input on. If
+it computes what it hands on (T5's first block owns the relative-position bias), it stays: a
+plan row and a note say so, and asking for more drops than there are eligible sublayers is
+refused naming the one that stays.
+
 Calibration batches come from ``context.calibration`` (``context.example`` if empty, else
 inputs derived from the model). ``drop attention 0`` changes nothing. Ties keep the earlier block.
 
@@ -32,7 +40,9 @@ inputs derived from the model). ``drop attention 0`` changes nothing. Ties keep 
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +50,7 @@ from torch import nn
 
 from surgery import ast
 from surgery.diagnostics import Diagnostic
+from surgery.modules.attention import HandOnIdentity
 from surgery.modules.identity import IdentitySublayer
 from surgery.passes.base import Change, PassError, PlanRow, StepPlan, SurgeryPass
 from surgery.transformer_arch import (
@@ -141,18 +152,60 @@ def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[An
     return [total[i] / max(count[i], 1) for i in range(len(subs))]
 
 
-def _returns_tuple(model: nn.Module, subs: list[Sublayer], batch: Any) -> dict[str, int]:
-    """How many items each sublayer module returns (0: a tensor; its replacement returns the
-    same kind), from one run."""
-    seen: dict[str, int] = {}
+@dataclass
+class _Returned:
+    """What one sublayer module returned on a run: ``items`` (0: a tensor), and for the items
+    between its output and its attention weights (``1 .. items−2``) which input each hands on
+    unchanged (``[name, position]``), or None for one it computes itself (T5's first block,
+    which makes the relative-position bias the later blocks reuse)."""
+
+    items: int
+    passes: list[list[Any] | None]
+
+    @property
+    def computes(self) -> list[int]:
+        return [j + 1 for j, p in enumerate(self.passes) if p is None]
+
+
+def _returns(model: nn.Module, subs: list[Sublayer], batch: Any) -> dict[str, _Returned]:
+    """What each sublayer module returns (its replacement must return the same), from one run."""
+    seen: dict[str, _Returned] = {}
     handles = []
     for sub in subs:
         for p in sub.replace:
+            module = get_module(model, p)
+            try:
+                params = list(inspect.signature(module.forward).parameters)
+            except (TypeError, ValueError):
+                params = []
 
-            def hook(_m: nn.Module, _a: Any, out: Any, p: str = p) -> None:
-                seen.setdefault(p, len(out) if isinstance(out, tuple) else 0)
+            def hook(
+                _m: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                out: Any,
+                p: str = p,
+                params: list[str] = params,
+            ) -> None:
+                if p in seen:
+                    return
+                if not isinstance(out, tuple):
+                    seen[p] = _Returned(0, [])
+                    return
+                passes: list[list[Any] | None] = []
+                for item in out[1:-1]:
+                    named = [
+                        [n, params.index(n) if n in params else -1]
+                        for n, v in kwargs.items()
+                        if v is item
+                    ]
+                    named += [
+                        [params[i], i] for i, v in enumerate(args) if v is item and i < len(params)
+                    ]
+                    passes.append(named[0] if named else None)
+                seen[p] = _Returned(len(out), passes)
 
-            handles.append(get_module(model, p).register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             batch.call(model)
@@ -220,20 +273,38 @@ class DropPass(SurgeryPass[ast.Drop]):
                     + ("; to remove whole blocks use `truncate blocks keep K`" if not subs else ""),
                 )
             )
-        tuples = _returns_tuple(model, subs, self._batches(model)[0]) if n > 0 else {}
-        passes_on = [p for p, k in tuples.items() if k > 2]
-        if passes_on:
+        returned = _returns(model, subs, self._batches(model)[0]) if n > 0 else {}
+        # Items a module returns besides its output and weights that later blocks read: one
+        # that hands its own input on can be replaced (the stand-in hands it on too); one that
+        # computes it (T5's first block: the relative-position bias) must stay.
+        named = {
+            j: p[0] for r in returned.values() for j, p in enumerate(r.passes, 1) if p is not None
+        }
+        stays: dict[int, str] = {}
+        for i, sub in enumerate(subs):
+            for p in sub.replace:
+                r = returned.get(p)
+                if r is not None and r.computes:
+                    what = ", ".join(
+                        f"`{named[j]}`" if j in named else f"item {j} of its output"
+                        for j in r.computes
+                    )
+                    stays[i] = (
+                        f"`{p}` (block {sub.block}) computes the {what} it hands on to the "
+                        "later blocks, which read it (T5's first block owns the "
+                        "relative-position bias)"
+                    )
+        eligible = [i for i in range(len(subs)) if i not in stays]
+        if n > len(eligible):
             raise PassError(
                 Diagnostic(
                     code="S0333",
-                    message=f"cannot drop {kind} sublayers of `{type(model).__name__}`: its "
-                    f"{kind} modules return more than their output and attention weights",
-                    span=stmt.span,
-                    notes=(
-                        f"`{passes_on[0]}` returns {tuples[passes_on[0]]} values, which the "
-                        "next blocks read (T5 passes its relative-position bias on this way)",
-                    ),
-                    help="use `truncate blocks keep K` to remove whole blocks",
+                    message=f"cannot drop {n} {kind} sublayers: {len(eligible)} of the "
+                    f"{len(subs)} {kind} sublayers of `{type(model).__name__}` can be dropped",
+                    span=stmt.count.span,
+                    notes=tuple(stays.values())[:1],
+                    help=f"valid range: 0..{len(eligible)}; to remove whole blocks use "
+                    "`truncate blocks keep K`",
                 )
             )
         try:
@@ -252,9 +323,9 @@ class DropPass(SurgeryPass[ast.Drop]):
                     help="use `truncate blocks keep K` to remove whole blocks",
                 )
             ) from None
-        order = sorted(range(len(subs)), key=lambda i: (scores[i], subs[i].block))
+        order = sorted(eligible, key=lambda i: (scores[i], subs[i].block))
         chosen = set(order[:n])
-        replace: dict[str, tuple[str, bool, int | None]] = {}
+        replace: dict[str, tuple[str, bool, int | None, list[Any] | None]] = {}
         for i, sub in enumerate(subs):
             paths = list(sub.replace)
             infos = [ctx.analysis.modules.get(p) for p in paths]
@@ -277,7 +348,11 @@ class DropPass(SurgeryPass[ast.Drop]):
                         "importance": round(scores[i], 8),
                         "replaces": paths,
                     },
-                    note="" if i in chosen else "kept: more important",
+                    note=""
+                    if i in chosen
+                    else "kept: hands on what it computes"
+                    if i in stays
+                    else "kept: more important",
                 )
             )
             if i in chosen:
@@ -286,8 +361,11 @@ class DropPass(SurgeryPass[ast.Drop]):
                     layer_idx = getattr(get_module(model, p), "layer_idx", None)
                     if not isinstance(layer_idx, int) or kind != "attention":
                         layer_idx = None
-                    replace[p] = (mode, bool(tuples.get(p, 2 if tup else 0)), layer_idx)
+                    r = returned.get(p, _Returned(2 if tup else 0, []))
+                    passes = r.passes if r.items > 2 else None
+                    replace[p] = (mode, bool(r.items), layer_idx, passes)
         plan.data["replace"] = replace
+        plan.notes.extend(f"kept: {why}" for why in stays.values())
         if n == 0:
             plan.notes.append("dropping 0 sublayers changes nothing")
         return plan
@@ -295,9 +373,16 @@ class DropPass(SurgeryPass[ast.Drop]):
     def apply(self, model: nn.Module, plan: StepPlan) -> list[Change]:
         stmt = self.statement
         assert isinstance(stmt, ast.Drop)
-        replace: dict[str, tuple[str, bool, int | None]] = plan.data.get("replace", {})
+        replace: dict[str, tuple[str, bool, int | None, list[Any] | None]] = plan.data.get(
+            "replace", {}
+        )
         changes: list[Change] = []
-        for path, (mode, tup, layer_idx) in replace.items():
-            set_module(model, path, IdentitySublayer(mode, returns_tuple=tup, layer_idx=layer_idx))  # type: ignore[arg-type]
+        for path, (mode, tup, layer_idx, passes) in replace.items():
+            stand_in = (
+                HandOnIdentity(mode, passes=passes, layer_idx=layer_idx)  # type: ignore[arg-type]
+                if passes is not None
+                else IdentitySublayer(mode, returns_tuple=tup, layer_idx=layer_idx)  # type: ignore[arg-type]
+            )
+            set_module(model, path, stand_in)
             changes.append(self.change(path, "drop", sublayer=stmt.sublayer.value, mode=mode))
         return changes
