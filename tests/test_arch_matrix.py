@@ -63,7 +63,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("resnet", "R5"): _STAGE_FIRST,
     # drop attention
     ("albert", "R6"): "shared layer",
-    ("swin", "R6"): "windows",
     ("convnext", "R6"): "no self-attention",
     ("resnet", "R6"): "no self-attention",
 }

@@ -258,15 +258,46 @@ def test_bloom_attention_that_adds_its_residual_returns_the_residual() -> None:
     assert torch.equal(seen["o"], seen["r"])
 
 
-@pytest.mark.parametrize(
-    ("family", "why"),
-    [("albert", "shared layer"), ("swin", "windows")],
-)
+@pytest.mark.parametrize(("family", "why"), [("albert", "shared layer")])
 def test_drop_refusals_name_the_reason(family: str, why: str) -> None:
     with pytest.raises(PassError) as err:
         _drop_family(family, "drop attention 1")
     d = err.value.diagnostic
     assert d.code == "S0333" and why in d.message + " ".join(d.notes)
+
+
+def test_swin_windowed_attention_is_scored_by_ablation_and_dropped() -> None:
+    """Swin's attention sees shifted windows: each block is scored by its output without the
+    attention against its output with it, and the least important one is dropped."""
+    from surgery.inputs import example_inputs
+    from surgery.passes.drop import sublayer_importance
+    from surgery.transformer_arch import attention_sublayers
+    from tests.helpers_models import ARCHS
+
+    model = ARCHS["swin"]().eval()
+    ex = example_inputs(model)
+    subs, _ = attention_sublayers(model, analyze(model, ex), ex)
+    scores = sublayer_importance(model, subs, [ex])
+    by_hand = []
+    for sub in subs:  # the block's output with the attention, and with it returning zeros
+        block, attn = get_module(model, sub.block_path), get_module(model, sub.score_out)
+        got: dict[str, torch.Tensor] = {}
+        hb = block.register_forward_hook(lambda _m, _a, o, got=got: got.update(with_=o[0]))
+        with torch.no_grad():
+            ex.call(model)
+        hb.remove()
+        hz = attn.register_forward_hook(lambda _m, _a, o: (torch.zeros_like(o[0]), *o[1:]))
+        hb = block.register_forward_hook(lambda _m, _a, o, got=got: got.update(without=o[0]))
+        with torch.no_grad():  # later blocks see another input; this block's input is the same
+            ex.call(model)
+        hb.remove(), hz.remove()
+        cos = nn.functional.cosine_similarity(got["without"].double(), got["with_"].double(), -1)
+        by_hand.append(float((1 - cos).mean()))
+    assert scores == pytest.approx(by_hand, rel=1e-9)
+    model, ex, (_, changes) = _drop_family("swin", "drop attention 1")
+    assert [c.path for c in changes] == [subs[scores.index(min(scores))].score_out]
+    with torch.no_grad():
+        ex.call(model)
 
 
 # --- T5: the first block owns the relative-position bias the later blocks reuse -----------------

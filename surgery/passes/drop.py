@@ -75,16 +75,40 @@ def _one_minus_cos(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]
     return float((1.0 - cos).sum()), int(cos.numel())
 
 
+def _zeroed(out: Any) -> Any:
+    """A sublayer's output with its first tensor (the output) replaced by zeros."""
+    if isinstance(out, tuple):
+        return (torch.zeros_like(out[0]), *out[1:])
+    return torch.zeros_like(out)
+
+
 class _Layout(ValueError):
     """A sublayer's output does not line up with its block's stream (Swin's windows)."""
 
 
 def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[Any]) -> list[float]:
-    """Mean ``1 − cos(x_in, x_out)`` of each sublayer over ``batches`` (``Inputs``)."""
+    """Mean ``1 − cos(x_in, x_out)`` of each sublayer over ``batches`` (``Inputs``).
+
+    A pre-LN sublayer whose output is laid out otherwise than its block's stream (Swin's
+    attention works on shifted windows, padded to the window grid) cannot be lined up with the
+    stream token by token. Then every pre-LN sublayer of the model is scored by ablation, so
+    the scores still compare: its block runs a second time with the sublayer's output zeroed
+    (what dropping it does), and ``x_in``/``x_out`` are the block's outputs without and with it.
+    """
+    try:
+        return _importance(model, subs, batches, ablate=False)
+    except _Layout:
+        return _importance(model, subs, batches, ablate=True)
+
+
+def _importance(
+    model: nn.Module, subs: list[Sublayer], batches: list[Any], *, ablate: bool
+) -> list[float]:
     total: dict[int, float] = defaultdict(float)
     count: dict[int, int] = defaultdict(int)
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, Any] = {}
     handles = []
+    rerun = [False]  # inside an ablation rerun of a block: the hooks stand aside
 
     def add(i: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         s, n = _one_minus_cos(x_in, x_out)
@@ -110,41 +134,57 @@ def sublayer_importance(model: nn.Module, subs: list[Sublayer], batches: list[An
             )
         else:
             block = get_module(model, sub.block_path)
+            sublayer = get_module(model, sub.score_out)
 
             def bpre(
                 _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i
             ) -> None:
-                seen[f"in{i}"] = _hidden_arg(args, kwargs)
+                if not rerun[0]:
+                    seen[f"in{i}"] = (args, kwargs)
 
             def spost(_m: nn.Module, _a: Any, _k: Any, out: Any, i: int = i) -> None:
-                seen[f"sub{i}"] = first_tensor(out)
+                if not rerun[0]:
+                    seen[f"sub{i}"] = first_tensor(out)
 
             def bpost(
-                _m: nn.Module, _a: Any, _k: Any, out: Any, i: int = i, kind: str = sub.kind
+                m: nn.Module,
+                _a: Any,
+                _k: Any,
+                out: Any,
+                i: int = i,
+                kind: str = sub.kind,
+                sublayer: nn.Module = sublayer,
             ) -> None:
-                x_block_in, f = seen.pop(f"in{i}"), seen.pop(f"sub{i}")
-                if f.shape != x_block_in.shape:
-                    raise _Layout(
-                        f"`{subs[i].score_out}` works on another layout of the tokens than its "
-                        f"block (shape {tuple(f.shape)} against {tuple(x_block_in.shape)}: "
-                        "windows), so its effect on the stream cannot be compared token by token"
-                    )
-                if kind == "attention":  # stream before / after the attention's residual add
+                if rerun[0]:
+                    return
+                args, kwargs = seen.pop(f"in{i}")
+                x_block_in, f = _hidden_arg(args, kwargs), seen.pop(f"sub{i}")
+                x_block_out = first_tensor(out)
+                if not ablate and f.shape != x_block_in.shape:
+                    raise _Layout(f"`{subs[i].score_out}` works on another layout of the tokens")
+                if ablate:  # the block's output without the sublayer, and with it
+                    zero = sublayer.register_forward_hook(lambda _m, _a, o: _zeroed(o))
+                    rerun[0] = True
+                    try:
+                        without = first_tensor(m(*args, **kwargs))
+                    finally:
+                        rerun[0] = False
+                        zero.remove()
+                    add(i, without, x_block_out)
+                elif kind == "attention":  # stream before / after the attention's residual add
                     add(i, x_block_in, x_block_in + f)
                 else:  # stream before / after the MLP's residual add (the block output)
-                    x_block_out = first_tensor(out)
                     add(i, x_block_out - f, x_block_out)
 
             handles.append(block.register_forward_pre_hook(bpre, with_kwargs=True))
-            handles.append(
-                get_module(model, sub.score_out).register_forward_hook(spost, with_kwargs=True)
-            )
+            handles.append(sublayer.register_forward_hook(spost, with_kwargs=True))
             handles.append(block.register_forward_hook(bpost, with_kwargs=True))
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            batch.call(model)
+        with torch.no_grad():
+            for batch in batches:
+                batch.call(model)
     finally:
         for h in handles:
             h.remove()
@@ -307,22 +347,9 @@ class DropPass(SurgeryPass[ast.Drop]):
                     "`truncate blocks keep K`",
                 )
             )
-        try:
-            scores = (
-                sublayer_importance(model, subs, self._batches(model))
-                if n > 0
-                else [0.0] * len(subs)
-            )
-        except _Layout as exc:
-            raise PassError(
-                Diagnostic(
-                    code="S0333",
-                    message=f"cannot score the {kind} sublayers of `{type(model).__name__}`",
-                    span=stmt.span,
-                    notes=(str(exc),),
-                    help="use `truncate blocks keep K` to remove whole blocks",
-                )
-            ) from None
+        scores = (
+            sublayer_importance(model, subs, self._batches(model)) if n > 0 else [0.0] * len(subs)
+        )
         order = sorted(eligible, key=lambda i: (scores[i], subs[i].block))
         chosen = set(order[:n])
         replace: dict[str, tuple[str, bool, int | None, list[Any] | None]] = {}
